@@ -1,0 +1,72 @@
+"""tools/summary.py: parameter and multiply-add counts against the paper and torchvision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision
+
+from tools import summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_summary(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "summary.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_paper_classifier_counts_from_the_command_line() -> None:
+    result = run_summary("--backbone", "mobilenet_v2", "--num-classes", "1000", "--input-size", "224", "--json")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    # Paper: 3.4M parameters, 300M multiply-adds; torchvision: 3.50M, 300.8M.
+    assert 3.4e6 <= counts["params"] <= 3.55e6
+    assert abs(counts["madds"] - 300e6) <= 0.02 * 300e6
+    reference = torchvision.models.mobilenet_v2()
+    assert counts["params"] == sum(p.numel() for p in reference.parameters())
+
+
+def test_counts_span_the_papers_range_over_width_and_resolution() -> None:
+    counts = {
+        (width, size): summary.count(summary.MobileNetV2Classifier(1000, width), size)
+        for width in (0.35, 1.4)
+        for size in (96, 224)
+    }
+    smallest, largest = counts[(0.35, 96)], counts[(1.4, 224)]
+    assert 1.6e6 <= smallest["params"] <= 1.8e6  # paper: 1.7M
+    assert 5.9e6 <= largest["params"] <= 6.9e6  # paper 6.9M; TF's released 1.4 model: 6.06M
+    assert 570e6 <= largest["madds"] <= 600e6  # paper: 585M (TF release: 582M)
+    assert smallest["madds"] < 15e6 < counts[(0.35, 224)]["madds"] < largest["madds"]
+
+
+def test_backbone_alone_has_no_classifier_and_table_output() -> None:
+    result = run_summary("--backbone", "mobilenet_v2", "--input-size", "224")
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout and "2.224M" in result.stdout
+    features = summary.BackboneFeatures()
+    assert summary.count(features, 224)["params"] == 2_223_872
+
+
+def test_multiply_adds_scale_with_resolution() -> None:
+    model = summary.MobileNetV2Classifier(10)
+    small, large = summary.count(model, 128)["madds"], summary.count(model, 256)["madds"]
+    assert 3.9 < large / small < 4.1  # convolutions cost grows with the pixel count
+
+
+def test_clear_errors() -> None:
+    result = run_summary("--config", "no/such/config.yaml")
+    assert result.returncode != 0 and "no/such/config.yaml: config file not found" in result.stderr
+    result = run_summary("--backbone", "mobilenet_v2", "--input-size", "8")
+    assert result.returncode == 2 and "--input-size" in result.stderr
+    with pytest.raises(SystemExit):
+        summary.parse_args(["--backbone", "resnet50"])
