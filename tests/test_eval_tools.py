@@ -1,0 +1,229 @@
+"""tools/eval_coco.py and tools/eval_miou.py run as a user runs them, against independent numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tools import eval_coco, eval_miou
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_process(main, *args: object, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Call a tool's ``main`` like its command line does; return (exit code, stdout, stderr)."""
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+# ------------------------------------------------------------------------------- eval_coco
+@pytest.fixture(scope="module")
+def coco_files(synthetic_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The synthetic val ground truth and a noisy detections file for it."""
+    gt_path = synthetic_coco / "annotations" / "instances_val2017.json"
+    gt = json.loads(gt_path.read_text())
+    rng = np.random.default_rng(0)
+    category_ids = [c["id"] for c in gt["categories"]]
+    detections = []
+    for annotation in gt["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        jitter = rng.uniform(-0.15, 0.15, size=4) * [w, h, w, h]
+        detections.append(
+            {
+                "image_id": annotation["image_id"],
+                "category_id": annotation["category_id"],
+                "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                "score": float(rng.uniform(0.3, 1.0)),
+            }
+        )
+        detections.append(
+            {
+                "image_id": annotation["image_id"],
+                "category_id": int(rng.choice(category_ids)),
+                "bbox": [x + w / 3, y, w, h / 2],
+                "score": float(rng.uniform(0.0, 0.6)),
+            }
+        )
+    path = tmp_path_factory.mktemp("results") / "detections.json"
+    path.write_text(json.dumps(detections))
+    return gt_path, path
+
+
+def pycocotools_stats(gt_path: Path, results_path: Path) -> np.ndarray:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        evaluator = COCOeval(gt, gt.loadRes(str(results_path)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_eval_coco_equals_pycocotools(coco_files: tuple[Path, Path], backend: str) -> None:
+    gt_path, results_path = coco_files
+    result = run_tool("eval_coco.py", gt_path, results_path, "--backend", backend, "--json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(result.stdout)
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert list(numbers)[:12] == keys
+    expected = pycocotools_stats(gt_path, results_path)
+    assert np.abs(np.array([numbers[k] for k in keys]) - expected).max() <= 1e-6
+    assert 0.2 < numbers["AP"] < 0.95  # the jittered boxes are neither all right nor all wrong
+    assert {entry["name"] for entry in numbers["per_class"]} == {"circle", "square", "triangle", "cross", "ring"}
+
+
+def test_eval_coco_prints_summary_and_class_table(coco_files: tuple[Path, Path]) -> None:
+    result = run_tool("eval_coco.py", *coco_files)
+    assert result.returncode == 0, result.stderr
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] =" in result.stdout
+    assert "triangle" in result.stdout and "class" in result.stdout
+
+
+def write(tmp_path: Path, name: str, content: object) -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_eval_coco_bad_inputs_fail_with_one_line(
+    coco_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gt_path, results_path = coco_files
+    good = json.loads(results_path.read_text())[0]
+    cases = {
+        "broken.json": ("{not json", "not valid JSON"),
+        "image.json": ([dict(good, image_id=987654)], "image_id 987654 is not in the ground truth"),
+        "category.json": ([dict(good, category_id=2)], "category_id 2 is not in the ground truth"),
+        "negative.json": ([dict(good, bbox=[1, 2, -3, 4])], "negative or non-finite size"),
+        "nan.json": ('[{"image_id": %d, "category_id": %d, "bbox": [1, 2, 3, 4], "score": NaN}]'
+                     % (good["image_id"], good["category_id"]), "not a finite number"),
+        "dict.json": ({"detections": []}, "expected a JSON list"),
+    }
+    for name, (content, message) in cases.items():
+        code, _, stderr = run_in_process(eval_coco.main, gt_path, write(tmp_path, name, content), capsys=capsys)
+        assert code == 1, name
+        assert f"{tmp_path / name}" in stderr and message in stderr, (name, stderr)
+        assert len(stderr.strip().splitlines()) == 1, stderr
+    missing = run_tool("eval_coco.py", tmp_path / "nothere.json", results_path)
+    assert missing.returncode == 1 and "nothere.json: ground-truth file not found" in missing.stderr
+
+
+def test_eval_coco_empty_detections_warn_and_score_zero(coco_files: tuple[Path, Path], tmp_path: Path) -> None:
+    result = run_tool("eval_coco.py", coco_files[0], write(tmp_path, "empty.json", []), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "no detections" in result.stderr
+    assert json.loads(result.stdout)["AP"] == 0.0
+
+
+# ------------------------------------------------------------------------------- eval_miou
+def independent_miou(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> tuple[float, float, list]:
+    """mIoU by per-class set counting over all pixels, with no confusion matrix."""
+    target = np.concatenate([t.ravel() for t, _ in pairs])
+    prediction = np.concatenate([p.ravel() for _, p in pairs])
+    keep = target != 255
+    target, prediction = target[keep], prediction[keep]
+    ious = []
+    for c in range(num_classes):
+        union = np.sum((target == c) | (prediction == c))
+        ious.append(np.sum((target == c) & (prediction == c)) / union if union else None)
+    defined = [v for v in ious if v is not None]
+    return float(np.mean(defined)), float(np.mean(target == prediction)), ious
+
+
+def save_labels(path: Path, labels: np.ndarray, palette: bool) -> None:
+    image = Image.fromarray(labels.astype(np.uint8), mode="L")
+    if palette:
+        image = image.convert("P")
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    image.save(path)
+
+
+@pytest.fixture()
+def label_folders(tmp_path: Path) -> tuple[Path, Path, list[tuple[np.ndarray, np.ndarray]]]:
+    rng = np.random.default_rng(1)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    pairs = []
+    for index, (h, w) in enumerate([(31, 47), (64, 64), (20, 90)]):
+        target = rng.integers(0, 5, size=(h, w))
+        target[rng.random((h, w)) < 0.1] = 255
+        prediction = np.where(rng.random((h, w)) < 0.7, np.where(target == 255, 0, target), rng.integers(0, 6, (h, w)))
+        save_labels(gt_dir / f"img{index}.png", target, palette=True)
+        save_labels(pred_dir / f"img{index}.png", prediction, palette=False)
+        pairs.append((target, prediction))
+    return gt_dir, pred_dir, pairs
+
+
+def test_eval_miou_equals_independent_computation(label_folders: tuple[Path, Path, list]) -> None:
+    gt_dir, pred_dir, pairs = label_folders
+    result = run_tool("eval_miou.py", gt_dir, pred_dir, "--num-classes", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(result.stdout)
+    miou, pixel_acc, per_class = independent_miou(pairs, 8)
+    assert numbers["mIoU"] == pytest.approx(miou, abs=1e-12)
+    assert numbers["pixel_acc"] == pytest.approx(pixel_acc, abs=1e-12)
+    assert numbers["per_class"][6:] == [None, None]  # never present, never predicted
+    assert numbers["per_class"][:6] == pytest.approx(per_class[:6], abs=1e-12)
+
+
+def test_eval_miou_table_has_voc_names(label_folders: tuple[Path, Path, list]) -> None:
+    gt_dir, pred_dir, _ = label_folders
+    result = run_tool("eval_miou.py", gt_dir, pred_dir, "--num-classes", "21")
+    assert result.returncode == 0, result.stderr
+    assert "aeroplane" in result.stdout and "mIoU" in result.stdout and "pixel acc" in result.stdout
+
+
+def test_eval_miou_bad_inputs(label_folders: tuple[Path, Path, list], capsys: pytest.CaptureFixture[str]) -> None:
+    gt_dir, pred_dir, _ = label_folders
+    (pred_dir / "img1.png").unlink()
+    result = run_tool("eval_miou.py", gt_dir, pred_dir, "--num-classes", "8")
+    assert result.returncode == 1 and "no prediction for img1.png" in result.stderr
+
+    def run() -> tuple[int, str]:
+        code, _, stderr = run_in_process(eval_miou.main, gt_dir, pred_dir, "--num-classes", 8, capsys=capsys)
+        return code, stderr
+
+    save_labels(pred_dir / "img1.png", np.zeros((10, 10)), palette=False)
+    code, stderr = run()
+    assert code == 1 and "img1.png: size (10, 10) differs" in stderr
+
+    save_labels(pred_dir / "img1.png", np.full((64, 64), 9), palette=False)
+    code, stderr = run()
+    assert code == 1 and "img1.png: label values [9] outside 0..7" in stderr
+
+    Image.new("RGB", (64, 64)).save(pred_dir / "img1.png")
+    code, stderr = run()
+    assert code == 1 and "img1.png: mode RGB, expected a label map" in stderr
+
+
+@pytest.mark.parametrize("tool", [eval_coco, eval_miou])
+def test_tools_have_help(tool, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = run_in_process(tool.main, "--help", capsys=capsys)
+    assert code == 0 and "usage:" in stdout
