@@ -1,6 +1,6 @@
 """Score predicted label PNGs against ground-truth label PNGs: per-class IoU, mIoU, pixel accuracy.
 
-    python tools/eval_miou.py GT_DIR PRED_DIR --num-classes 21 [--ignore-index 255] [--json]
+    python tools/eval_miou.py GT_DIR PRED_DIR --num-classes 21 [--ignore-index 255] [--split-file F] [--json]
 
 Files are matched by stem (``2007_000033.png`` with ``2007_000033.png``). Both folders hold
 single-channel label maps: palette PNGs (VOC's ``SegmentationClass``; the *indices* are read,
@@ -42,12 +42,27 @@ def read_label_map(path: Path) -> np.ndarray:
     return labels
 
 
-def match_files(gt_dir: Path, pred_dir: Path) -> list[tuple[Path, Path]]:
-    """Pairs (ground truth, prediction) by stem; every ground truth needs its prediction."""
+def read_split_file(path: Path) -> list[str]:
+    """Stems listed one per line (VOC's ``ImageSets/Segmentation/val.txt``)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: split file not found")
+    stems = path.read_text().split()
+    if not stems:
+        raise ValueError(f"{path}: split file lists no images")
+    return stems
+
+
+def match_files(gt_dir: Path, pred_dir: Path, stems: Sequence[str] | None = None) -> list[tuple[Path, Path]]:
+    """Pairs (ground truth, prediction) by stem; every ground truth (of ``stems``) needs its prediction."""
     for folder in (gt_dir, pred_dir):
         if not folder.is_dir():
             raise ValueError(f"{folder}: not a directory")
     ground_truth = {path.stem: path for path in sorted(gt_dir.glob("*.png"))}
+    if stems is not None:
+        absent = [stem for stem in stems if stem not in ground_truth]
+        if absent:
+            raise ValueError(f"{gt_dir}: no ground truth for {', '.join(absent[:5])}")
+        ground_truth = {stem: ground_truth[stem] for stem in stems}
     if not ground_truth:
         raise ValueError(f"{gt_dir}: no .png label maps found")
     predictions = {path.stem: path for path in sorted(pred_dir.glob("*.png"))}
@@ -60,11 +75,16 @@ def match_files(gt_dir: Path, pred_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def evaluate_folders(
-    gt_dir: Path, pred_dir: Path, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None
+    gt_dir: Path,
+    pred_dir: Path,
+    num_classes: int,
+    ignore_index: int = 255,
+    class_names: Sequence[str] | None = None,
+    stems: Sequence[str] | None = None,
 ) -> MeanIoU:
     """Accumulate every pair into one :class:`MeanIoU` and return it (``.compute()`` for the numbers)."""
     metric = MeanIoU(num_classes, ignore_index=ignore_index, class_names=class_names)
-    for gt_path, pred_path in match_files(gt_dir, pred_dir):
+    for gt_path, pred_path in match_files(gt_dir, pred_dir, stems):
         target, prediction = read_label_map(gt_path), read_label_map(pred_path)
         if target.shape != prediction.shape:
             raise ValueError(f"{pred_path}: size {prediction.shape[::-1]} differs from {gt_path} {target.shape[::-1]}")
@@ -114,13 +134,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("pred_dir", type=Path, help="folder of predicted label PNGs (same stems)")
     parser.add_argument("--num-classes", type=int, required=True, help="K (21 for PASCAL VOC)")
     parser.add_argument("--ignore-index", type=int, default=255, help="unlabelled ground-truth value")
+    parser.add_argument("--split-file", type=Path, help="score only the stems listed here (e.g. VOC's val.txt)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.num_classes < 2:
         parser.error(f"--num-classes must be at least 2, got {args.num_classes}")
     names = default_class_names(args.num_classes)
     try:
-        metric = evaluate_folders(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index, names)
+        stems = read_split_file(args.split_file) if args.split_file else None
+        metric = evaluate_folders(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index, names, stems)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

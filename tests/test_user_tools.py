@@ -1,0 +1,132 @@
+"""tools/test.py and tools/predict.py on checkpoints trained here, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.detection import SSDLiteDetection
+from tasks.segmentation import DeepLabV3Segmentation
+from tools import train
+from tools.checkpoints import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--trainer.max_steps", "2",
+    "--trainer.max_epochs", "-1",
+    "--trainer.val_check_interval", "2",
+    "--trainer.check_val_every_n_epoch", "null",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.enable_progress_bar", "false",
+    "--model.width_mult", "0.35",
+    "--data.num_workers", "0",
+]  # fmt: skip
+
+
+def tiny_checkpoint(config: str, data_root: Path, out: Path, extra: list[str]) -> Path:
+    train.main(
+        ["fit", "--config", str(ROOT / "configs" / config), "--data.root", str(data_root),
+         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *TINY, *extra]
+    )  # fmt: skip
+    (checkpoint,) = out.glob("*/version_*/checkpoints/last.ckpt")
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def detection_checkpoint(synthetic_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = ["--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
+             "--data.persistent_workers", "false"]  # fmt: skip
+    return tiny_checkpoint("ssdlite_mobilenetv2_synthetic.yaml", synthetic_coco, tmp_path_factory.mktemp("det"), extra)
+
+
+@pytest.fixture(scope="module")
+def segmentation_checkpoint(synthetic_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = ["--data.crop_size", "65", "--data.batch_size", "2"]
+    return tiny_checkpoint("deeplabv3_mobilenetv2_synthetic.yaml", synthetic_voc, tmp_path_factory.mktemp("seg"), extra)
+
+
+def run_tool(name: str, *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+
+
+def test_test_tool_detection_agrees_with_eval_coco(detection_checkpoint: Path, synthetic_coco: Path, tmp_path: Path) -> None:
+    result = run_tool("test.py", detection_checkpoint, "--out", tmp_path, "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Average Precision" in result.stdout
+    detections = json.loads((tmp_path / "detections.json").read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+    assert {d["category_id"] for d in detections} <= {1, 3, 7, 12, 44}  # labels mapped back to COCO ids
+    gt = synthetic_coco / "annotations" / "instances_val2017.json"
+    again = run_tool("eval_coco.py", gt, tmp_path / "detections.json", "--json")
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in json.loads(again.stdout).items() if k != "per_class"} == metrics
+
+
+def test_test_tool_segmentation_agrees_with_eval_miou(
+    segmentation_checkpoint: Path, synthetic_voc: Path, tmp_path: Path
+) -> None:
+    result = run_tool("test.py", segmentation_checkpoint, "--out", tmp_path, "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    voc = synthetic_voc / "VOCdevkit" / "VOC2012"
+    val = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    labels = sorted(p.stem for p in (tmp_path / "labels").glob("*.png"))
+    assert labels == sorted(val)
+    with Image.open(tmp_path / "labels" / f"{val[0]}.png") as image, Image.open(voc / "JPEGImages" / f"{val[0]}.jpg") as photo:
+        assert image.mode == "P" and image.size == photo.size
+    again = run_tool(
+        "eval_miou.py", voc / "SegmentationClass", tmp_path / "labels", "--num-classes", "21",
+        "--split-file", voc / "ImageSets" / "Segmentation" / "val.txt", "--json",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == metrics
+
+
+def test_predict_draws_pictures_for_both_tasks(
+    detection_checkpoint: Path, segmentation_checkpoint: Path, synthetic_coco: Path, synthetic_voc: Path, tmp_path: Path
+) -> None:
+    images = sorted((synthetic_coco / "val2017").glob("*.jpg"))[:2]
+    result = run_tool("predict.py", detection_checkpoint, *images, "--out", tmp_path / "det", "--score-threshold", "0")
+    assert result.returncode == 0, result.stderr
+    for image in images:
+        with Image.open(tmp_path / "det" / f"{image.stem}.png") as picture, Image.open(image) as original:
+            assert picture.size == original.size and picture.mode == "RGB"
+    assert (tmp_path / "det" / "grid.png").is_file()
+
+    folder = synthetic_voc / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    result = run_tool("predict.py", segmentation_checkpoint, folder, "--out", tmp_path / "seg", "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    drawn = sorted((tmp_path / "seg").glob("2007_*.png"))
+    assert len(drawn) == 2
+    with Image.open(drawn[0]) as picture, Image.open(folder / f"{drawn[0].stem}.jpg") as original:
+        assert picture.height == original.height and picture.width > original.width  # legend on the right
+
+
+def test_tools_reject_bad_checkpoints_and_images(
+    detection_checkpoint: Path, segmentation_checkpoint: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="checkpoint of a DeepLabV3Segmentation, but this needs a SSDLiteDetection"):
+        load_task(segmentation_checkpoint, SSDLiteDetection)
+    assert isinstance(load_task(segmentation_checkpoint, DeepLabV3Segmentation), DeepLabV3Segmentation)
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(detection_checkpoint.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="broken.ckpt: not a readable checkpoint"):
+        load_task(broken)
+
+    bad_image = tmp_path / "bad.jpg"
+    bad_image.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = run_tool("predict.py", detection_checkpoint, bad_image, "--out", tmp_path / "out")
+    assert result.returncode == 1 and "bad.jpg: cannot read image" in result.stderr
+    result = run_tool("test.py", tmp_path / "missing.ckpt")
+    assert result.returncode == 1 and "missing.ckpt: checkpoint not found" in result.stderr

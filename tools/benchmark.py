@@ -1,0 +1,391 @@
+"""Speed and size of our models beside torchvision's, measured in one run on one machine.
+
+    python tools/benchmark.py                       # everything, table + runs/benchmark.json
+    python tools/benchmark.py --only models --runs 50 --onnx
+    python tools/benchmark.py --only train,data --steps 20
+    python tools/benchmark.py --only eval
+
+Sections:
+  models  parameters, multiply-adds, median latency at batch 1 (with the spread: 25th-75th
+          percentile) and throughput at batch 8, for eager PyTorch, ``torch.compile`` (--compile)
+          and ONNX Runtime (--onnx), plus peak resident memory. Each model runs in a fresh
+          process so memory and caches do not leak between them. Detection latency includes
+          post-processing (score threshold, top-k, NMS) on both sides.
+  train   images per second of a full training step (data loading, forward, loss, backward,
+          optimiser) on the synthetic data, for both tasks.
+  data    images per second of the training data pipeline alone (decode + augment + collate).
+  eval    COCO evaluation of 5,000 images x 100 detections with each backend; mIoU
+          accumulation over 1,000 masks of 513x513.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+SECTIONS = ("models", "train", "data", "eval")
+
+
+# ----------------------------------------------------------------------------------- models
+def build_model(name: str) -> tuple[torch.nn.Module, int, Callable[[torch.nn.Module, torch.Tensor], Any]]:
+    """(model in eval mode, input side, the call to time) for a model of the comparison."""
+    import torchvision.models.detection as tvdet
+    import torchvision.models.segmentation as tvseg
+
+    from tasks.detection import ssdlite_mobilenetv2
+    from tasks.segmentation import deeplabv3_mobilenetv2
+
+    def forward(model: torch.nn.Module, images: torch.Tensor) -> Any:
+        return model(images)
+
+    if name == "ours_ssdlite_mobilenetv2":
+        # Same post-processing settings as torchvision's SSDLite: score 0.001, 300 candidates
+        # per class before NMS at 0.55, 300 detections kept.
+        model = ssdlite_mobilenetv2(
+            num_classes=91, score_threshold=0.001, topk_candidates=300, detections_per_image=300
+        )
+        return model.eval(), 320, lambda m, x: m.detect(x)
+    if name == "tv_ssdlite320_mobilenet_v3_large":
+        return tvdet.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), 320, forward
+    if name == "ours_deeplabv3_mobilenetv2":
+        return deeplabv3_mobilenetv2(num_classes=21).eval(), 512, forward
+    if name == "tv_lraspp_mobilenet_v3_large":
+        return tvseg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), 512, forward
+    if name == "tv_deeplabv3_mobilenet_v3_large":
+        model = tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=False)
+        return model.eval(), 512, forward
+    raise ValueError(f"unknown model {name}")
+
+
+MODELS = (
+    "ours_ssdlite_mobilenetv2",
+    "tv_ssdlite320_mobilenet_v3_large",
+    "ours_deeplabv3_mobilenetv2",
+    "tv_lraspp_mobilenet_v3_large",
+    "tv_deeplabv3_mobilenet_v3_large",
+)
+
+
+def timed_runs(call: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency_stats(times: Sequence[float], batch: int) -> dict[str, float]:
+    array = np.asarray(times) * 1000
+    q25, median, q75 = np.percentile(array, [25, 50, 75])
+    return {"median_ms": float(median), "q25_ms": float(q25), "q75_ms": float(q75), "images_per_s": batch * 1000 / float(median)}
+
+
+def onnx_session(model: torch.nn.Module, size: int, path: Path, threads: int) -> Callable[[np.ndarray], Any]:
+    """Export ``model`` (raw outputs, dynamic batch) and open it in ONNX Runtime."""
+    import onnxruntime as ort
+
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        input_names=["images"],
+        dynamic_axes={"images": {0: "batch"}},
+        dynamo=False,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"images": images})
+
+
+def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool) -> dict[str, Any]:
+    """Measure one model in this process (call through ``--model`` for a fresh process)."""
+    from tools.summary import count
+
+    torch.set_num_threads(threads)
+    model, size, call = build_model(name)
+    counts = count(_RawOutputs(model) if name.startswith("tv_ssdlite") else model, size)
+    result: dict[str, Any] = {"model": name, "input": size, "params": counts["params"], "madds": counts["madds"]}
+    one, eight = torch.randn(1, 3, size, size), torch.randn(8, 3, size, size)
+    with torch.inference_mode():
+        result["eager_b1"] = latency_stats(timed_runs(lambda: call(model, one), runs, warmup), 1)
+        result["eager_b8"] = latency_stats(timed_runs(lambda: call(model, eight), max(3, runs // 4), 1), 8)
+    if use_compile:
+        try:
+            compiled = torch.compile(model)
+            with torch.inference_mode():
+                result["compile_b1"] = latency_stats(timed_runs(lambda: call(compiled, one), runs, warmup + 2), 1)
+        except Exception as error:  # compile support varies by model and platform
+            result["compile_b1"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+    if use_onnx and not name.startswith("tv_ssdlite"):
+        with tempfile.TemporaryDirectory() as folder:
+            exportable = _RawOutputs(model)
+            run = onnx_session(exportable, size, Path(folder) / "model.onnx", threads)
+            if name == "ours_ssdlite_mobilenetv2":
+                head = model.head
+
+                def run_detect(images: np.ndarray) -> Any:  # ONNX raw heads + our post-processing
+                    names = ("cls_logits", "bbox_regression", "anchors")
+                    outputs = dict(zip(names, map(torch.from_numpy, run(images))))
+                    return head.postprocess(outputs, [(size, size)] * images.shape[0])
+
+                runner = run_detect
+            else:
+                runner = run
+            result["onnx_b1"] = latency_stats(timed_runs(lambda: runner(one.numpy()), runs, warmup), 1)
+            result["onnx_b8"] = latency_stats(timed_runs(lambda: runner(eight.numpy()), max(3, runs // 4), 1), 8)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+class _RawOutputs(torch.nn.Module):
+    """Tensors only, for counting and export: our models' dicts, torchvision's heads."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if hasattr(self.model, "anchor_generator"):  # torchvision SSD: backbone + head, no transform
+            features = list(self.model.backbone(images).values())
+            outputs = self.model.head(features)
+            return outputs["cls_logits"], outputs["bbox_regression"]
+        outputs = self.model(images)
+        if "cls_logits" in outputs:
+            return outputs["cls_logits"], outputs["bbox_regression"], outputs["anchors"]
+        return (outputs["out"] if "out" in outputs else outputs["logits"],)
+
+
+def run_models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each model in a fresh interpreter (clean caches and a per-model peak memory)."""
+    results = []
+    for name in MODELS:
+        command = [
+            sys.executable, __file__, "--model", name, "--runs", str(args.runs), "--warmup", str(args.warmup),
+            "--threads", str(args.threads), *(["--compile"] if args.compile else []), *(["--onnx"] if args.onnx else []),
+        ]  # fmt: skip
+        print(f"  {name} ...", flush=True)
+        output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        if output.returncode != 0:
+            raise RuntimeError(f"benchmark of {name} failed:\n{output.stderr[-2000:]}")
+        results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    return results
+
+
+# ------------------------------------------------------------------------------ train / data
+def synthetic_root(folder: Path) -> Path:
+    from tasks.data.synthetic import make_coco, make_voc
+
+    if not (folder / "coco" / "annotations").is_dir():
+        make_coco(folder / "coco", num_train=160, num_val=8)
+    if not (folder / "voc" / "VOCdevkit").is_dir():
+        make_voc(folder / "voc", num_train=160, num_val=8)
+    return folder
+
+
+def task_and_data(task: str, root: Path, batch_size: int, workers: int) -> tuple[Any, Any]:
+    """The synthetic configs' model and data, at their training sizes."""
+    if task == "detection":
+        from tasks.data.coco import COCODetectionDataModule
+        from tasks.detection import SSDLiteDetection
+
+        data = COCODetectionDataModule(root=str(root / "coco"), image_size=320, batch_size=batch_size, num_workers=workers)
+        return SSDLiteDetection(num_classes=6, image_size=320, warmup_steps=10, lr=0.05), data
+    from tasks.data.voc import VOCSegmentationDataModule
+    from tasks.segmentation import DeepLabV3Segmentation
+
+    data = VOCSegmentationDataModule(
+        root=str(root / "voc"), crop_size=321, batch_size=batch_size, num_workers=workers, train_split="train"
+    )
+    return DeepLabV3Segmentation(num_classes=21, freeze_bn=False, max_steps=1000), data
+
+
+def bench_data(task: str, root: Path, batch_size: int, workers: int, steps: int) -> dict[str, Any]:
+    """Images per second of the training DataLoader alone (after its first batch)."""
+    _, data = task_and_data(task, root, batch_size, workers)
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    next(loader)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(data.train_dataloader())
+            batch = next(loader)
+        images += batch["images"].shape[0]
+    return {"task": task, "workers": workers, "batch": batch_size, "images_per_s": images / (time.perf_counter() - start)}
+
+
+def bench_train(task: str, root: Path, batch_size: int, workers: int, steps: int) -> dict[str, Any]:
+    """Images per second of full Lightning training steps, data loading included."""
+    from lightning.pytorch import Callback, Trainer
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter())
+
+    model, data = task_and_data(task, root, batch_size, workers)
+    timer = StepTimer()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps + 2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    elapsed = timer.times[-1] - timer.times[1]  # the first two steps warm up
+    return {"task": task, "workers": workers, "batch": batch_size, "images_per_s": batch_size * (len(timer.times) - 2) / elapsed}
+
+
+# ------------------------------------------------------------------------------------- eval
+def bench_eval(num_images: int = 5000, detections_per_image: int = 100, masks: int = 1000) -> list[dict[str, Any]]:
+    """COCO evaluation per backend, and mIoU accumulation over 513x513 masks."""
+    from tasks.evaluation.coco_map import evaluate_detections
+    from tasks.evaluation.miou import MeanIoU
+
+    rng = np.random.default_rng(0)
+    categories = [{"id": i, "name": f"class{i}"} for i in (1, 3, 7, 12, 44)]
+    images, annotations, results = [], [], []
+    for image_id in range(1, num_images + 1):
+        images.append({"id": image_id, "width": 640, "height": 480, "file_name": f"{image_id}.jpg"})
+        boxes = np.concatenate([rng.uniform(0, 400, (7, 2)), rng.uniform(8, 200, (7, 2))], axis=1)
+        for box in boxes:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice([1, 3, 7, 12, 44])),
+                "bbox": box.tolist(), "area": float(box[2] * box[3]), "iscrowd": 0,
+            })  # fmt: skip
+        noisy = np.repeat(boxes, int(np.ceil(detections_per_image / len(boxes))), axis=0)[:detections_per_image]
+        noisy = noisy + rng.normal(0, 6, noisy.shape)
+        noisy[:, 2:] = np.abs(noisy[:, 2:]) + 1
+        for box, score in zip(noisy, rng.random(detections_per_image)):
+            results.append({"image_id": image_id, "category_id": int(rng.choice([1, 3, 7, 12, 44])), "bbox": box.tolist(), "score": float(score)})
+    gt = {"images": images, "annotations": annotations, "categories": categories}
+    rows = []
+    for backend in ("pycocotools", "faster"):
+        start = time.perf_counter()
+        summary = evaluate_detections(gt, results, backend=backend)
+        rows.append({"what": f"COCO eval {num_images}x{detections_per_image} ({backend})", "seconds": time.perf_counter() - start, "AP": summary["AP"]})
+    metric = MeanIoU(21)
+    target = torch.from_numpy(rng.integers(0, 21, (masks, 513, 513), dtype=np.int64))
+    prediction = torch.from_numpy(rng.integers(0, 21, (masks, 513, 513), dtype=np.int64))
+    start = time.perf_counter()
+    for index in range(masks):
+        metric.update(prediction[index], target[index])
+    metric.compute()
+    rows.append({"what": f"mIoU accumulation {masks} masks 513x513", "seconds": time.perf_counter() - start})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ report
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables, ready for the README."""
+    lines = [f"Machine: {report['machine']}; {report['threads']} threads.", ""]
+    if report.get("models"):
+        backends = [b for b in ("eager", "compile", "onnx") if any(f"{b}_b1" in r for r in report["models"])]
+        header = "| model | input | params | mult-adds | " + " | ".join(
+            f"{b} b1 ms (IQR) | {b} b8 img/s" for b in backends
+        ) + " | peak RSS MB |"
+        lines += [header, "|" + "---|" * (header.count("|") - 1)]
+        for r in report["models"]:
+            cells = [r["model"], str(r["input"]), f"{r['params'] / 1e6:.2f}M", f"{r['madds'] / 1e9:.2f}B"]
+            for b in backends:
+                b1, b8 = r.get(f"{b}_b1"), r.get(f"{b}_b8")
+                cells.append("-" if not b1 or "error" in b1 else f"{b1['median_ms']:.1f} ({b1['q25_ms']:.1f}-{b1['q75_ms']:.1f})")
+                cells.append("-" if not b8 or "error" in b8 else f"{b8['images_per_s']:.1f}")
+            cells.append(f"{r['peak_rss_mb']:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    rows = report.get("train", []) + report.get("data", [])
+    if rows:
+        lines += ["| task | what | batch | workers | img/s |", "|---|---|---|---|---|"]
+        for name in ("train", "data"):
+            for r in report.get(name, []):
+                what = "training step (data included)" if name == "train" else "data pipeline alone"
+                lines.append(f"| {r['task']} | {what} | {r['batch']} | {r['workers']} | {r['images_per_s']:.1f} |")
+        lines.append("")
+    if report.get("eval"):
+        lines += ["| evaluation | seconds |", "|---|---|"]
+        lines += [f"| {r['what']} | {r['seconds']:.2f} |" for r in report["eval"]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch / ORT threads")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per latency measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
+    parser.add_argument("--steps", type=int, default=20, help="steps for the train and data sections")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch for the train and data sections")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for train and data")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "benchmark", help="synthetic data folder")
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "benchmark.json", help="where to write JSON")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
+    args = parser.parse_args(argv)
+    if args.model:
+        print(json.dumps(bench_model(args.model, args.runs, args.warmup, args.threads, args.compile, args.onnx)))
+        return {}
+    sections = [s for s in args.only.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"machine": machine(), "threads": args.threads}
+    if "models" in sections:
+        print("models:", flush=True)
+        report["models"] = run_models(args)
+    if "train" in sections or "data" in sections:
+        root = synthetic_root(args.data)
+        for section, bench in (("data", bench_data), ("train", bench_train)):
+            if section in sections:
+                print(f"{section}:", flush=True)
+                report[section] = [bench(t, root, args.batch_size, args.workers, args.steps) for t in ("detection", "segmentation")]
+    if "eval" in sections:
+        print("eval:", flush=True)
+        report["eval"] = bench_eval()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"\nwrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
