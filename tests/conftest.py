@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tools import train
 from tools.make_synthetic import make_coco, make_voc
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Small on purpose: enough images for every case the generator schedules (objects of all COCO size
 # ranges, an image without objects and a crowd region in each split) and still fast.
@@ -27,3 +30,38 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root that contains ``VOCdevkit/VOC2012`` (pass it as torchvision's VOCSegmentation ``root``)."""
     return make_voc(tmp_path_factory.mktemp("synthetic") / "voc", **SYNTHETIC_VOC)
+
+
+# Checkpoints of two optimiser steps through the real CLI and configs, shrunk to tiny sizes.
+TINY = [
+    "--trainer.max_steps", "2",
+    "--trainer.max_epochs", "-1",
+    "--trainer.val_check_interval", "2",
+    "--trainer.check_val_every_n_epoch", "null",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.enable_progress_bar", "false",
+    "--model.width_mult", "0.35",
+    "--data.num_workers", "0",
+]  # fmt: skip
+
+
+def tiny_checkpoint(config: str, data_root: Path, out: Path, extra: list[str]) -> Path:
+    train.main(
+        ["fit", "--config", str(ROOT / "configs" / config), "--data.root", str(data_root),
+         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *TINY, *extra]
+    )  # fmt: skip
+    (checkpoint,) = out.glob("*/version_*/checkpoints/last.ckpt")
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def detection_checkpoint(synthetic_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = ["--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
+             "--data.persistent_workers", "false"]  # fmt: skip
+    return tiny_checkpoint("ssdlite_mobilenetv2_synthetic.yaml", synthetic_coco, tmp_path_factory.mktemp("det"), extra)
+
+
+@pytest.fixture(scope="session")
+def segmentation_checkpoint(synthetic_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = ["--data.crop_size", "65", "--data.batch_size", "2"]
+    return tiny_checkpoint("deeplabv3_mobilenetv2_synthetic.yaml", synthetic_voc, tmp_path_factory.mktemp("seg"), extra)

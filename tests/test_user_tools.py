@@ -12,43 +12,9 @@ from PIL import Image
 
 from tasks.detection import SSDLiteDetection
 from tasks.segmentation import DeepLabV3Segmentation
-from tools import train
 from tools.checkpoints import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY = [
-    "--trainer.max_steps", "2",
-    "--trainer.max_epochs", "-1",
-    "--trainer.val_check_interval", "2",
-    "--trainer.check_val_every_n_epoch", "null",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.enable_progress_bar", "false",
-    "--model.width_mult", "0.35",
-    "--data.num_workers", "0",
-]  # fmt: skip
-
-
-def tiny_checkpoint(config: str, data_root: Path, out: Path, extra: list[str]) -> Path:
-    train.main(
-        ["fit", "--config", str(ROOT / "configs" / config), "--data.root", str(data_root),
-         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *TINY, *extra]
-    )  # fmt: skip
-    (checkpoint,) = out.glob("*/version_*/checkpoints/last.ckpt")
-    return checkpoint
-
-
-@pytest.fixture(scope="module")
-def detection_checkpoint(synthetic_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    extra = ["--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
-             "--data.persistent_workers", "false"]  # fmt: skip
-    return tiny_checkpoint("ssdlite_mobilenetv2_synthetic.yaml", synthetic_coco, tmp_path_factory.mktemp("det"), extra)
-
-
-@pytest.fixture(scope="module")
-def segmentation_checkpoint(synthetic_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    extra = ["--data.crop_size", "65", "--data.batch_size", "2"]
-    return tiny_checkpoint("deeplabv3_mobilenetv2_synthetic.yaml", synthetic_voc, tmp_path_factory.mktemp("seg"), extra)
 
 
 def run_tool(name: str, *args: object) -> subprocess.CompletedProcess[str]:

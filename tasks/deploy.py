@@ -1,0 +1,74 @@
+"""Tensor-in, tensors-out wrappers of the two networks, for ONNX / TorchScript export.
+
+Exported graphs take ``images`` as Float[N, 3, H, W] *normalised* with ImageNet's mean and std
+(what the training pipelines feed) and have a dynamic batch. Their outputs:
+
+* :class:`ExportableDetector` with post-processing: ``boxes`` [D, 4] xyxy in input pixels,
+  ``scores`` [D], ``labels`` [D] (contiguous, 1-based) and ``batch_index`` [D] (which image);
+  without: ``cls_logits`` [N, A, C], ``bbox_regression`` [N, A, 4] and ``anchors`` [A, 4]
+  (normalised xyxy; decode with weights (10, 10, 5, 5)).
+* :class:`ExportableSegmenter`: ``labels`` Int64[N, H, W] or ``logits`` [N, K, H, W].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+from heads.anchors import decode_boxes
+from heads.detection_postprocess import batched_detections
+from tasks.detection import SSDLite
+from tasks.segmentation import Segmenter
+
+DETECTION_OUTPUTS = ("boxes", "scores", "labels", "batch_index")
+RAW_DETECTION_OUTPUTS = ("cls_logits", "bbox_regression", "anchors")
+
+
+class ExportableDetector(nn.Module):
+    """SSDLite as a graph: raw head tensors, or detections after NMS for the whole batch."""
+
+    def __init__(self, model: SSDLite, *, postprocess: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.postprocess = postprocess
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return DETECTION_OUTPUTS if self.postprocess else RAW_DETECTION_OUTPUTS
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        outputs = self.model(images)
+        if not self.postprocess:
+            return tuple(outputs[name] for name in RAW_DETECTION_OUTPUTS)
+        head = self.model.head
+        height, width = images.shape[-2:]
+        scale = images.new_tensor([width, height, width, height])
+        boxes = decode_boxes(outputs["bbox_regression"], outputs["anchors"], head.box_coder_weights)
+        return batched_detections(
+            head.scores(outputs["cls_logits"]),
+            boxes.clamp(0.0, 1.0) * scale,
+            score_threshold=head.score_threshold,
+            nms_threshold=head.nms_threshold,
+            topk_candidates=head.topk_candidates,
+            detections_per_image=head.detections_per_image,
+        )
+
+
+class ExportableSegmenter(nn.Module):
+    """Mobile DeepLabv3 as a graph: per-pixel labels (argmax) or logits at the input size."""
+
+    def __init__(self, model: Segmenter, *, output: Literal["labels", "logits"] = "labels") -> None:
+        super().__init__()
+        if output not in ("labels", "logits"):
+            raise ValueError(f"output must be 'labels' or 'logits', got {output!r}")
+        self.model = model
+        self.output = output
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (self.output,)
+
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        logits = self.model(images)["logits"]
+        return (logits.argmax(dim=1) if self.output == "labels" else logits,)
