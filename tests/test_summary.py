@@ -70,3 +70,24 @@ def test_clear_errors() -> None:
     assert result.returncode == 2 and "--input-size" in result.stderr
     with pytest.raises(SystemExit):
         summary.parse_args(["--backbone", "resnet50"])
+
+
+def test_paper_detector_from_its_config() -> None:
+    # Table 6, "MNet V2 + SSDLite": 4.3M parameters, 0.8B multiply-adds at 300x300.
+    result = run_summary("--config", "configs/ssdlite_mobilenetv2_coco.yaml", "--input-size", "300", "--json")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert abs(counts["params"] - 4.3e6) <= 0.1 * 4.3e6
+    assert abs(counts["madds"] - 0.8e9) <= 0.1 * 0.8e9
+
+
+def test_paper_segmenter_from_its_config_and_full_aspp_costs_more() -> None:
+    # Table 7, "MNet V2*, OS 16, no ASPP": 2.11M parameters, 2.75B multiply-adds at 512x512.
+    config = Path("configs/deeplabv3_mobilenetv2_voc.yaml")
+    lite = summary.count(summary.model_from_config(config), 513)
+    assert abs(lite["params"] - 2.11e6) <= 0.1 * 2.11e6
+    assert abs(lite["madds"] - 2.75e9) <= 0.1 * 2.75e9
+    full = summary.count(summary.model_from_config(config, ["aspp=full"]), 513)
+    assert full["params"] > 2 * lite["params"] and full["madds"] > 1.5 * lite["madds"]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        summary.model_from_config(config, ["aspp"])

@@ -2,6 +2,7 @@
 
     python tools/summary.py --backbone mobilenet_v2 --num-classes 1000 --input-size 224
     python tools/summary.py --config configs/ssdlite_mobilenetv2_coco.yaml --input-size 300 --json
+    python tools/summary.py --config configs/deeplabv3_mobilenetv2_voc.yaml --input-size 513 --set aspp=full
 
 Multiply-adds are counted by ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs) on one
 image of ``input-size`` x ``input-size``, the convention of the paper's Tables 4, 6 and 7.
@@ -49,8 +50,12 @@ class BackboneFeatures(nn.Module):
         return self.backbone(images)
 
 
-def model_from_config(path: Path) -> nn.Module:
-    """Build the network of a training config: its LightningModule's ``model`` attribute."""
+def model_from_config(path: Path, overrides: Sequence[str] = ()) -> nn.Module:
+    """Build the network of a training config: its LightningModule's ``model`` attribute.
+
+    ``overrides`` are ``KEY=VALUE`` strings for the model's ``init_args`` (YAML values), e.g.
+    ``aspp=full``.
+    """
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningModule
@@ -60,10 +65,16 @@ def model_from_config(path: Path) -> nn.Module:
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{path}: no 'model' section (expected a LightningCLI config)")
+    model_config = config["model"]
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {override!r}: expected KEY=VALUE")
+        model_config.setdefault("init_args", {})[key] = yaml.safe_load(value)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningModule, "model")
-    parsed = parser.parse_object({"model": config["model"]})
-    task = parser.instantiate_classes(parsed).model
+    parsed = parser.parse_object({"model": model_config})
+    task = parser.instantiate(parsed).model
     if not isinstance(getattr(task, "model", None), nn.Module):
         raise ValueError(f"{path}: {type(task).__name__} has no 'model' network attribute to count")
     return task.model
@@ -119,8 +130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-classes", type=int, help="with --backbone: add the paper's classifier (pool + linear to K)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a model init arg"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    if args.set and args.config is None:
+        parser.error("--set goes with --config")
     if args.config is not None and (args.num_classes is not None or args.width_mult != 1.0):
         parser.error("--num-classes and --width-mult go with --backbone; set them in the config instead")
     if args.input_size < 32:
@@ -131,7 +147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     if args.config is not None:
-        model = model_from_config(args.config)
+        model = model_from_config(args.config, args.set)
     elif args.num_classes is not None:
         model = MobileNetV2Classifier(args.num_classes, args.width_mult)
     else:
