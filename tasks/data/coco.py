@@ -1,0 +1,411 @@
+"""COCO detection data: a Dataset over the standard layout and a LightningDataModule.
+
+Layout (COCO 2017)::
+
+    root/train2017/*.jpg
+    root/val2017/*.jpg
+    root/annotations/instances_train2017.json
+    root/annotations/instances_val2017.json
+
+Batches are dicts (see :func:`collate_detection`)::
+
+    {"images":     Tensor[N, 3, S, S] float, ImageNet-normalised (uint8 until the batch reaches
+                   the device; the DataModule normalises it in ``on_after_batch_transfer``),
+     "targets":    [{"boxes": FloatTensor[G, 4] xyxy pixels in the S x S image,
+                     "labels": Int64Tensor[G] in 1..K (0 is the background),
+                     "crowd_boxes": FloatTensor[C, 4] xyxy pixels of iscrowd regions}, ...],
+     "image_ids":  Int64Tensor[N] COCO image ids,
+     "orig_sizes": Int64Tensor[N, 2] (height, width) of the original images}
+
+Labels: COCO category ids are not contiguous (1..90 with gaps for 80 classes), so by default
+label ``i`` is the ``i``-th category id in increasing order (:attr:`~COCODetectionDataModule.
+label_to_category_id` and :attr:`~COCODetectionDataModule.category_id_to_label` map both ways);
+with ``contiguous_labels=False`` the label *is* the category id (the TF API's 91-output model).
+
+Evaluation: the task reads :attr:`~COCODetectionDataModule.val_coco` (the loaded pycocotools
+``COCO`` ground truth of the validation split) and ``label_to_category_id`` from
+``trainer.datamodule`` to write COCO results; it never opens a file itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.data.detection_transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    detection_eval_transform,
+    detection_train_transform,
+    normalize_images,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_coco_annotations(path: Path) -> COCO:
+    """pycocotools ``COCO`` of ``path``, quietly, with an error naming the file when it is missing."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: COCO annotation file not found (expected root/annotations/instances_<split>.json)"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return COCO(str(path))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a COCO instances file ({error})") from error
+
+
+class COCODetection(Dataset):
+    """Images and boxes of one COCO split.
+
+    Args:
+        image_dir: folder of the split's images (``root/val2017``).
+        coco: the split's loaded annotations.
+        transform: an albumentations pipeline of :mod:`tasks.data.detection_transforms`.
+        category_id_to_label: ``{COCO category id: label}``.
+        keep_empty_images: keep images with no usable (non-crowd, non-degenerate) box.
+        min_box_size: boxes narrower or lower than this many pixels (after clipping to the
+            image) are degenerate and dropped; the count is logged.
+    """
+
+    def __init__(
+        self,
+        image_dir: Path,
+        coco: COCO,
+        transform: A.Compose,
+        *,
+        category_id_to_label: Mapping[int, int],
+        keep_empty_images: bool = True,
+        min_box_size: float = 0.0,
+    ) -> None:
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"{image_dir}: COCO image directory not found")
+        self.image_dir = image_dir
+        self.coco = coco
+        self.transform = transform
+        self._transform_seed: int | None = None
+        self.num_dropped_boxes = 0
+        self.records: list[dict[str, Any]] = []
+        for image_id in sorted(coco.getImgIds()):
+            info = coco.imgs[image_id]
+            record = self._record(info, coco.imgToAnns.get(image_id, []), category_id_to_label, min_box_size)
+            if keep_empty_images or len(record["labels"]) > 0:
+                self.records.append(record)
+        if self.num_dropped_boxes:
+            logger.warning("%s: dropped %d degenerate boxes", image_dir.name, self.num_dropped_boxes)
+
+    def _record(
+        self,
+        info: Mapping[str, Any],
+        annotations: Sequence[Mapping[str, Any]],
+        category_id_to_label: Mapping[int, int],
+        min_box_size: float,
+    ) -> dict[str, Any]:
+        height, width = int(info["height"]), int(info["width"])
+        if annotations:
+            xywh = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            boxes = np.clip(boxes, 0, [width, height, width, height])
+            crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations])
+            unknown = {a["category_id"] for a in annotations} - set(category_id_to_label)
+            if unknown:
+                raise ValueError(f"{info.get('file_name')}: category ids {sorted(unknown)} not in the label map")
+            labels = np.array([category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
+        else:
+            boxes, crowd, labels = np.zeros((0, 4)), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
+        valid = (boxes[:, 2] - boxes[:, 0] > min_box_size) & (boxes[:, 3] - boxes[:, 1] > min_box_size)
+        self.num_dropped_boxes += int((~valid & ~crowd).sum())
+        objects, regions = valid & ~crowd, valid & crowd
+        return {
+            "image_id": int(info["id"]),
+            "file_name": info["file_name"],
+            "size": (height, width),
+            "boxes": boxes[objects].astype(np.float32),
+            "labels": labels[objects],
+            "crowd_boxes": boxes[regions].astype(np.float32),
+        }
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _seed_transform(self) -> None:
+        # albumentations' Compose owns its RNG: forked workers would all inherit one state and
+        # repeat each other's augmentations. torch gives every worker (and every epoch) its own
+        # initial seed, so re-seed from it whenever it changes.
+        seed = torch.initial_seed()
+        if seed != self._transform_seed:
+            self.transform.set_random_seed(seed % 2**32)
+            self._transform_seed = seed
+
+    def load_image(self, index: int) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]`` of record ``index``."""
+        record = self.records[index]
+        path = self.image_dir / record["file_name"]
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FileNotFoundError(f"{path}: image missing or unreadable")
+        if image.shape[:2] != record["size"]:
+            raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, annotations say "
+                             f"{record['size'][1]}x{record['size'][0]}")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One sample: ``image`` uint8 Tensor[3, S, S], ``boxes``/``crowd_boxes`` xyxy pixels in it,
+        ``labels``, ``image_id`` and ``orig_size`` (height, width)."""
+        self._seed_transform()
+        record = self.records[index]
+        boxes = np.concatenate([record["boxes"], record["crowd_boxes"]])
+        is_crowd = np.r_[np.zeros(len(record["boxes"])), np.ones(len(record["crowd_boxes"]))]
+        labels = np.r_[record["labels"], np.zeros(len(record["crowd_boxes"]), dtype=np.int64)]
+        out = self.transform(image=self.load_image(index), bboxes=boxes, labels=labels, is_crowd=is_crowd)
+        out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        out_crowd = np.asarray(out["is_crowd"], dtype=bool).reshape(-1)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
+            "boxes": torch.from_numpy(out_boxes[~out_crowd]),
+            "labels": torch.as_tensor(np.asarray(out["labels"]).reshape(-1)[~out_crowd], dtype=torch.int64),
+            "crowd_boxes": torch.from_numpy(out_boxes[out_crowd]),
+            "image_id": record["image_id"],
+            "orig_size": record["size"],
+        }
+
+
+def _worker_init(worker_id: int) -> None:
+    # One OpenCV thread per loader process: the processes already use every core.
+    cv2.setNumThreads(1)
+
+
+def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack samples of :class:`COCODetection` into the batch dict described in the module docs."""
+    return {
+        "images": torch.stack([s["image"] for s in samples]),
+        "targets": [
+            {"boxes": s["boxes"], "labels": s["labels"], "crowd_boxes": s["crowd_boxes"]} for s in samples
+        ],
+        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+    }
+
+
+class COCODetectionDataModule(LightningDataModule):
+    """COCO (or any dataset in its layout) for SSD-style detection training and evaluation.
+
+    Args:
+        root: folder holding ``<split>/`` image folders and ``annotations/instances_<split>.json``.
+        image_size: side of the square network input (SSD's fixed-shape resize): 300 or 320.
+        batch_size: training images per batch (per device under DDP).
+        eval_batch_size: validation/test/predict batch size (``batch_size`` when None).
+        num_workers: loader processes; decoding and augmentation run there.
+        pin_memory: page-locked batches for fast host-to-GPU copies (ignored without CUDA).
+        persistent_workers: keep workers alive between epochs (no re-fork per validation).
+        prefetch_factor: batches each worker prepares ahead.
+        train_split, val_split, test_split: split names (image folder and annotation suffix).
+            ``test`` uses ``val2017`` by default (test-dev has no public annotations).
+        keep_empty_images: train on images without objects too (pure background); evaluation
+            always uses every image of its split, as COCOeval does.
+        contiguous_labels: labels ``1..K`` in category-id order (True), or the category ids
+            themselves (False, for a 91-output model on COCO).
+        min_box_size: boxes at most this many pixels wide or high are dropped as degenerate.
+        photometric_p, zoom_out_p, zoom_out_max_scale, crop_p, crop_min_scale, hflip_p: the
+            strength of the training augmentation (see ``detection_train_transform``).
+        synthetic: when ``root`` holds no annotations yet, write the project's synthetic COCO-layout
+            set there first (``tools/make_synthetic.py``: 400 train / 50 val images of five
+            shape classes under category ids 1, 3, 7, 12, 44); for demos and CPU runs.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int = 320,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str = "val2017",
+        keep_empty_images: bool = False,
+        contiguous_labels: bool = True,
+        min_box_size: float = 0.0,
+        photometric_p: float = 0.5,
+        zoom_out_p: float = 0.5,
+        zoom_out_max_scale: float = 4.0,
+        crop_p: float = 1.0,
+        crop_min_scale: float = 0.3,
+        hflip_p: float = 0.5,
+        synthetic: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.keep_empty_images = keep_empty_images
+        self.contiguous_labels = contiguous_labels
+        self.min_box_size = min_box_size
+        self.synthetic = synthetic
+        self.augmentation = {
+            "photometric_p": photometric_p,
+            "zoom_out_p": zoom_out_p,
+            "zoom_out_max_scale": zoom_out_max_scale,
+            "crop_p": crop_p,
+            "crop_min_scale": crop_min_scale,
+            "hflip_p": hflip_p,
+        }
+        self.datasets: dict[str, COCODetection] = {}
+        self._annotations: dict[str, COCO] = {}
+        self._categories: list[dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ label space
+    def annotations(self, split: str) -> COCO:
+        """The loaded annotations of ``split`` ("train", "val" or "test"), read once."""
+        name = self.splits[split]
+        if name not in self._annotations:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root}: COCO root directory not found")
+            self._annotations[name] = load_coco_annotations(self.root / "annotations" / f"instances_{name}.json")
+        return self._annotations[name]
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        """The validation split's categories (``id``, ``name``), sorted by id: the label space."""
+        if self._categories is None:
+            coco = self.annotations("val")
+            self._categories = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        return self._categories
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """``{label: COCO category id}``: ``{1: 1, 2: 2, ..., 12: 13, ...}`` for COCO."""
+        ids = [c["id"] for c in self.categories]
+        if self.contiguous_labels:
+            return {label: category_id for label, category_id in enumerate(ids, start=1)}
+        return {category_id: category_id for category_id in ids}
+
+    @property
+    def category_id_to_label(self) -> dict[int, int]:
+        """``{COCO category id: label}``, the inverse of :attr:`label_to_category_id`."""
+        return {category_id: label for label, category_id in self.label_to_category_id.items()}
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """``{label: category name}``."""
+        names = {c["id"]: c["name"] for c in self.categories}
+        return {label: names[category_id] for label, category_id in self.label_to_category_id.items()}
+
+    @property
+    def num_classes(self) -> int:
+        """Logits a model needs, background included: ``max label + 1``."""
+        return max(self.label_to_category_id) + 1
+
+    @property
+    def val_coco(self) -> COCO:
+        """Ground truth of the validation split (for COCOeval)."""
+        return self.annotations("val")
+
+    @property
+    def test_coco(self) -> COCO:
+        """Ground truth of the test split (for COCOeval)."""
+        return self.annotations("test")
+
+    # ------------------------------------------------------------------ datasets
+    def _dataset(self, split: str, *, train: bool) -> COCODetection:
+        coco = self.annotations(split)
+        if split != "val":
+            extra = set(coco.getCatIds()) - {c["id"] for c in self.categories}
+            if extra:
+                raise ValueError(
+                    f"{self.root / 'annotations'}: split {self.splits[split]} has category ids {sorted(extra)} "
+                    f"that {self.splits['val']} lacks; both must share one label space"
+                )
+        transform = (
+            detection_train_transform(self.image_size, **self.augmentation)
+            if train
+            else detection_eval_transform(self.image_size)
+        )
+        return COCODetection(
+            self.root / self.splits[split],
+            coco,
+            transform,
+            category_id_to_label=self.category_id_to_label,
+            keep_empty_images=self.keep_empty_images if train else True,
+            min_box_size=self.min_box_size,
+        )
+
+    def prepare_data(self) -> None:
+        """Write the synthetic set when asked to and ``root`` has no annotations (one process)."""
+        if not self.synthetic:
+            return
+        names = [self.splits["train"], self.splits["val"], self.splits["test"]]
+        if not all((self.root / "annotations" / f"instances_{name}.json").is_file() for name in names):
+            from tools.make_synthetic import make_coco  # only the synthetic demo needs tools/
+
+            make_coco(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
+        wanted = stages[stage] if stage is not None else ("train", "val", "test")
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split, train=split == "train")
+
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        workers = self.num_workers
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # Equal batches keep BatchNorm statistics sane, unless that would leave no batch.
+            drop_last=train and len(dataset) >= batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            collate_fn=collate_detection,
+            worker_init_fn=_worker_init if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the uint8 images once they are on the device (4x fewer bytes to move)."""
+        if isinstance(batch, dict) and isinstance(batch.get("images"), Tensor) and batch["images"].dtype == torch.uint8:
+            batch = {**batch, "images": normalize_images(batch["images"], IMAGENET_MEAN, IMAGENET_STD)}
+        return batch

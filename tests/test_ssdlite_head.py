@@ -1,0 +1,269 @@
+"""heads/ssdlite.py: declared vs real shapes, the separable layers, loss and post-processing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import box_iou
+
+from backbones import FeatureSpec, MobileNetV2
+from heads.anchors import encode_boxes
+from heads.ssdlite import SSDLiteHead
+from tasks.detection import ssdlite_mobilenetv2
+
+
+@pytest.fixture(scope="module")
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return ssdlite_mobilenetv2(num_classes=6, width_mult=0.35).eval()
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [(300, [19, 10, 5, 3, 2, 1]), (320, [20, 10, 5, 3, 2, 1]), (321, [21, 11, 6, 3, 2, 1])],
+)
+def test_declared_maps_match_real_ones(small_model: nn.Module, size: int, expected: list[int]) -> None:
+    head = small_model.head
+    declared = head.feature_shape()
+    assert list(declared) == ["c4_expand", "final_conv", "extra1", "extra2", "extra3", "extra4"]
+    assert [spec.stride for spec in declared.values()] == [16, 32, 64, 128, 256, 512]
+    with torch.no_grad():
+        maps = head.feature_maps(small_model.backbone(torch.zeros(1, 3, size, size)))
+    assert [m.shape[-1] for m in maps] == expected
+    assert [m.shape[-2] for m in maps] == [math.ceil(size / spec.stride) for spec in declared.values()]
+    assert [m.shape[1] for m in maps] == [spec.channels for spec in declared.values()]
+
+
+def test_taps_and_extra_depths_follow_the_backbone_declarations() -> None:
+    # Width 1.0: layer 15's expansion (576) and the 1280 conv, then 512, 256, 256, 128.
+    paper = ssdlite_mobilenetv2(num_classes=91)
+    assert [s.channels for s in paper.head.feature_shape().values()] == [576, 1280, 512, 256, 256, 128]
+    # Width 0.35: channels read from the backbone; extras max(int(d * 0.35), 16) as TF.
+    small = ssdlite_mobilenetv2(num_classes=6, width_mult=0.35)
+    backbone_shape = small.backbone.output_shape()
+    channels = [s.channels for s in small.head.feature_shape().values()]
+    assert channels[:2] == [backbone_shape["c4_expand"].channels, backbone_shape["final_conv"].channels]
+    assert channels[2:] == [179, 89, 89, 44]
+    # A head on a made-up backbone declaration uses what it is told, by name.
+    head = SSDLiteHead({"a": FeatureSpec(40, 8), "b": FeatureSpec(72, 16)}, num_classes=3, in_features=("a", "b"),
+                       extra_depths=(64,))
+    assert head.feature_shape() == {"a": FeatureSpec(40, 8), "b": FeatureSpec(72, 16), "extra1": FeatureSpec(64, 32)}
+    with pytest.raises(ValueError, match="c4_expand"):
+        SSDLiteHead({"c5": FeatureSpec(320, 32)}, num_classes=3)
+
+
+def test_layers_are_separable() -> None:
+    head = ssdlite_mobilenetv2(num_classes=91).head
+    for block, (in_ch, depth) in zip(head.extra, [(1280, 512), (512, 256), (256, 256), (256, 128)]):
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.groups) for c in convs] == [
+            (in_ch, depth // 2, (1, 1), (1, 1), 1),
+            (depth // 2, depth // 2, (3, 3), (2, 2), depth // 2),
+            (depth // 2, depth, (1, 1), (1, 1), 1),
+        ]
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in block.modules()) == 3
+        assert sum(isinstance(m, nn.ReLU6) for m in block.modules()) == 3
+    boxes_per_cell = [3, 6, 6, 6, 6, 6]
+    channels = [576, 1280, 512, 256, 256, 128]
+    for predictors, values in ((head.cls_predictors, 91), (head.box_predictors, 4)):
+        for predictor, ch, n in zip(predictors, channels, boxes_per_cell):
+            depthwise, pointwise = [m for m in predictor.modules() if isinstance(m, nn.Conv2d)]
+            assert (depthwise.kernel_size, depthwise.groups, depthwise.in_channels) == ((3, 3), ch, ch)
+            assert (pointwise.kernel_size, pointwise.out_channels) == ((1, 1), n * values)
+            assert pointwise.bias is not None
+
+
+def test_paper_model_size_and_cost() -> None:
+    # Table 6: MNet V2 + SSDLite, 4.3M parameters and 0.8B multiply-adds at 300x300.
+    model = ssdlite_mobilenetv2(num_classes=91).eval()
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - 4.3e6) <= 0.1 * 4.3e6, params
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 300, 300))
+    madds = counter.get_total_flops() / 2
+    assert abs(madds - 0.8e9) <= 0.1 * 0.8e9, madds
+
+
+def test_forward_outputs(small_model: nn.Module) -> None:
+    with torch.no_grad():
+        outputs = small_model(torch.zeros(2, 3, 320, 320))
+    assert set(outputs) == {"cls_logits", "bbox_regression", "anchors"}
+    assert all(isinstance(v, torch.Tensor) for v in outputs.values())  # exportable: tensors only
+    assert outputs["cls_logits"].shape == (2, 2034, 6)
+    assert outputs["bbox_regression"].shape == (2, 2034, 4)
+    assert outputs["anchors"].shape == (2034, 4)
+    assert small_model.head.num_anchors((320, 320)) == 2034
+    assert small_model.head.num_anchors((300, 300)) == 1917
+
+
+# ---------------------------------------------------------------------------------------- loss
+def _outputs(num_images: int, anchors: torch.Tensor, num_classes: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "cls_logits": torch.randn(num_images, len(anchors), num_classes, generator=generator, requires_grad=True),
+        "bbox_regression": torch.randn(num_images, len(anchors), 4, generator=generator, requires_grad=True),
+        "anchors": anchors,
+    }
+
+
+def _grid_anchors(n: int = 10) -> torch.Tensor:
+    """n x n non-overlapping unit cells of the image, so IoUs are easy to reason about."""
+    step = 1.0 / n
+    ys, xs = torch.meshgrid(torch.arange(n) * step, torch.arange(n) * step, indexing="ij")
+    return torch.stack([xs, ys, xs + step, ys + step], dim=-1).reshape(-1, 4)
+
+
+def _head(**kwargs) -> SSDLiteHead:
+    return SSDLiteHead({"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=4, **kwargs)
+
+
+def test_hard_negative_mining_loss_by_hand() -> None:
+    anchors = _grid_anchors()
+    outputs = _outputs(1, anchors)
+    # The ground truth is exactly anchor 11: one positive, so 3 negatives are mined.
+    targets = [{"boxes": anchors[11:12].clone(), "labels": torch.tensor([2])}]
+    losses = _head().loss(outputs, targets)
+    logits, deltas = outputs["cls_logits"][0].detach(), outputs["bbox_regression"][0].detach()
+    labels = torch.zeros(100, dtype=torch.int64)
+    labels[11] = 2
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    negatives = ce.clone()
+    negatives[11] = -1
+    expected_cls = ce[11] + negatives.topk(3).values.sum()
+    assert losses["loss_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-5)
+    expected_box = F.smooth_l1_loss(deltas[11], torch.zeros(4), reduction="sum")  # exact anchor: zero deltas
+    assert losses["loss_box"].item() == pytest.approx(expected_box.item(), rel=1e-5)
+
+
+def test_loss_is_normalised_by_positives_and_ignores_crowd() -> None:
+    anchors = _grid_anchors()
+    outputs = _outputs(2, anchors)
+    targets = [
+        {"boxes": anchors[[0, 55]].clone(), "labels": torch.tensor([1, 3])},
+        {"boxes": anchors[[99]].clone(), "labels": torch.tensor([2])},
+    ]
+    head = _head()
+    loss = head.loss(outputs, targets)
+    labels, _, ignore = head.match(outputs, targets)
+    assert labels[0, [0, 55]].tolist() == [1, 3] and labels[1, 99].item() == 2
+    assert (labels > 0).sum().item() == 3 and not ignore.any()
+    # Crowd regions turn the negatives inside them into ignored anchors, not positives.
+    crowd_targets = [dict(targets[0], crowd_boxes=torch.tensor([[0.5, 0.0, 1.0, 0.5]])), targets[1]]
+    labels_c, _, ignore_c = head.match(outputs, crowd_targets)
+    assert ignore_c[0].sum().item() == 25 and (labels_c == labels).all()
+    assert torch.isfinite(head.loss(outputs, crowd_targets)["loss_cls"])
+    assert loss["loss_cls"].item() > 0 and loss["loss_box"].item() > 0
+
+
+@pytest.mark.parametrize("loss_type", ["hard_negative_mining", "focal"])
+def test_images_without_objects_train_without_nan(loss_type: str) -> None:
+    head = _head(loss_type=loss_type)
+    outputs = _outputs(2, _grid_anchors())
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    losses = head.loss(outputs, empty)
+    assert losses["loss_box"].item() == 0.0
+    assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"].item() > 0  # negatives still teach
+    (losses["loss_cls"] + losses["loss_box"]).backward()
+    assert torch.isfinite(outputs["cls_logits"].grad).all()
+    assert outputs["cls_logits"].grad.abs().sum() > 0
+    # A batch mixing an empty image with a full one.
+    outputs = _outputs(2, _grid_anchors())
+    mixed = [empty[0], {"boxes": torch.tensor([[0.1, 0.1, 0.3, 0.3]]), "labels": torch.tensor([1])}]
+    losses = head.loss(outputs, mixed)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_hard_negative_mining_keeps_min_negatives_on_empty_images() -> None:
+    head = _head(min_negatives_per_image=5)
+    outputs = _outputs(1, _grid_anchors())
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    ce = F.cross_entropy(outputs["cls_logits"][0].detach(), torch.zeros(100, dtype=torch.int64), reduction="none")
+    assert head.loss(outputs, empty)["loss_cls"].item() == pytest.approx(ce.topk(5).values.sum().item(), rel=1e-5)
+
+
+def test_real_model_loss_backward(small_model: nn.Module) -> None:
+    model = ssdlite_mobilenetv2(num_classes=6, width_mult=0.35).train()
+    outputs = model(torch.randn(2, 3, 128, 128))
+    targets = [
+        {"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.7]]), "labels": torch.tensor([3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    losses = model.head.loss(outputs, targets)
+    (losses["loss_cls"] + losses["loss_box"]).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------------------- postprocessing
+def test_postprocess_limits_and_order() -> None:
+    head = _head(score_threshold=0.2, detections_per_image=100, nms_threshold=0.5)
+    anchors = torch.rand(400, 2) * 0.8
+    anchors = torch.cat([anchors, anchors + 0.1 + torch.rand(400, 2) * 0.1], dim=1)
+    generator = torch.Generator().manual_seed(1)
+    outputs = {
+        "cls_logits": torch.randn(3, 400, 4, generator=generator) * 4,
+        "bbox_regression": torch.zeros(3, 400, 4),
+        "anchors": anchors,
+    }
+    sizes = torch.tensor([[480, 640], [100, 100], [333, 250]])
+    results = head.postprocess(outputs, sizes)
+    assert len(results) == 3
+    for result, (height, width) in zip(results, sizes.tolist()):
+        assert set(result) == {"boxes", "scores", "labels"}
+        n = len(result["scores"])
+        assert 0 < n <= 100
+        assert result["boxes"].shape == (n, 4) and result["labels"].dtype == torch.int64
+        assert (result["scores"] > 0.2).all()
+        assert (result["scores"][:-1] >= result["scores"][1:]).all()
+        assert result["labels"].min() >= 1 and result["labels"].max() <= 3
+        boxes = result["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
+        # Per-class NMS: no two boxes of one class overlap above the threshold.
+        for label in result["labels"].unique():
+            same = boxes[result["labels"] == label]
+            assert box_iou(same, same).fill_diagonal_(0).max() <= 0.5 + 1e-6
+    few = _head(score_threshold=0.0, detections_per_image=7).postprocess(outputs, sizes)
+    assert [len(r["scores"]) for r in few] == [7, 7, 7]
+
+
+def test_postprocess_recovers_encoded_boxes_in_original_pixels() -> None:
+    head = _head(score_threshold=0.5)
+    anchors = _grid_anchors()
+    truth = torch.tensor([[0.12, 0.31, 0.28, 0.52], [0.6, 0.55, 0.95, 0.9]])  # normalised xyxy
+    logits = torch.full((1, 100, 4), -10.0)
+    logits[..., 0] = 10.0  # background everywhere ...
+    deltas = torch.zeros(1, 100, 4)
+    for anchor, box, label in zip([22, 77], truth, [1, 3]):  # ... except two confident anchors
+        logits[0, anchor] = -10.0
+        logits[0, anchor, label] = 10.0
+        deltas[0, anchor] = encode_boxes(box[None], anchors[anchor][None])[0]
+    outputs = {"cls_logits": logits, "bbox_regression": deltas, "anchors": anchors}
+    (result,) = head.postprocess(outputs, [(480, 640)])  # original image: 640 wide, 480 high
+    order = result["labels"].argsort()
+    assert result["labels"][order].tolist() == [1, 3]
+    expected = truth * torch.tensor([640, 480, 640, 480])
+    torch.testing.assert_close(result["boxes"][order], expected, atol=1e-3, rtol=0)
+
+
+def test_focal_head_scores_are_sigmoids_and_start_as_background() -> None:
+    head = _head(loss_type="focal")
+    bias = head.cls_predictors[0][-1].bias
+    assert torch.allclose(bias, torch.full_like(bias, -math.log(99)))
+    logits = torch.zeros(1, 2, 4)
+    assert torch.allclose(head.scores(logits), torch.full((1, 2, 3), 0.5))
+    softmax_head = _head()
+    assert torch.allclose(softmax_head.scores(logits), torch.full((1, 2, 3), 0.25))
+
+
+def test_backbone_maps_by_name_only() -> None:
+    backbone = MobileNetV2(width_mult=0.35, out_features=("c3", "c4_expand", "final_conv")).eval()
+    head = SSDLiteHead(backbone.output_shape(), num_classes=3).eval()  # batch 1: BN of the 1x1 map
+    with torch.no_grad():
+        outputs = head(backbone(torch.zeros(1, 3, 160, 160)))
+    assert outputs["cls_logits"].shape == (1, head.num_anchors((160, 160)), 3)

@@ -1,0 +1,195 @@
+"""tasks/data/voc.py and segmentation_transforms.py: reading VOC labels, augmentation, batches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.data.segmentation_transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transforms,
+    pad_collate,
+    scale_choices,
+    train_transforms,
+)
+from tasks.data.voc import VOC_CLASSES, VOCSegmentation, VOCSegmentationDataModule, read_mask
+from tools.make_synthetic import VOC_PALETTE, VOC_SHAPE_CLASSES
+
+
+def unnormalise(image: torch.Tensor) -> np.ndarray:
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((image * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_palette_masks_are_read_as_class_indices(synthetic_voc: Path) -> None:
+    dataset = VOCSegmentation(synthetic_voc, "train")
+    assert len(dataset) == 16 and len(VOC_CLASSES) == 21
+    path = dataset.mask_dir / f"{dataset.ids[0]}.png"
+    with Image.open(path) as image:
+        assert image.mode == "P"
+        as_rgb = np.array(image.convert("RGB"))
+    labels = read_mask(path)
+    assert labels.dtype == np.uint8 and labels.ndim == 2
+    allowed = {0, 255, *VOC_SHAPE_CLASSES.values()}
+    seen: set[int] = set()
+    for index in range(len(dataset)):
+        mask = dataset[index]["mask"]
+        assert mask.dtype == torch.int64
+        seen |= set(mask.unique().tolist())
+    assert seen <= allowed and len(seen & set(VOC_SHAPE_CLASSES.values())) >= 3
+    # Each index is the palette entry of its colour, i.e. what the RGB picture shows.
+    palette = np.array(VOC_PALETTE).reshape(256, 3)
+    assert np.array_equal(palette[labels], as_rgb)
+
+
+def test_rgb_masks_are_refused_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.png"
+    Image.new("RGB", (4, 4), (128, 0, 0)).save(path)
+    with pytest.raises(ValueError, match=r"bad.png: mask is mode RGB, expected P"):
+        read_mask(path)
+
+
+def test_missing_split_and_root_errors(synthetic_voc: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"train_aug.txt: split not found; available: \['train', 'trainval', 'val'\]"):
+        VOCSegmentation(synthetic_voc, "train_aug")
+    with pytest.raises(FileNotFoundError, match="no PASCAL VOC 2012 found"):
+        VOCSegmentation(tmp_path, "train")
+
+
+def make_sbd_copy(synthetic_voc: Path, root: Path) -> Path:
+    """A copy with SBD's layout added: grey 'L' SegmentationClassAug masks and train_aug.txt."""
+    shutil.copytree(synthetic_voc, root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    (voc / "SegmentationClassAug").mkdir()
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:5]
+    for image_id in ids:
+        mask = read_mask(voc / "SegmentationClass" / f"{image_id}.png")
+        Image.fromarray(mask, mode="L").save(voc / "SegmentationClassAug" / f"{image_id}.png")
+    # The "image path, label path" form some releases of train_aug.txt use.
+    lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in ids]
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_train_aug_split_is_used_when_installed(synthetic_voc: Path, tmp_path: Path) -> None:
+    plain = VOCSegmentationDataModule(str(synthetic_voc), crop_size=33, num_workers=0)
+    assert plain.resolve_train_split() == "train"
+    root = make_sbd_copy(synthetic_voc, tmp_path / "sbd")
+    module = VOCSegmentationDataModule(str(root), crop_size=33, num_workers=0)
+    assert module.resolve_train_split() == "train_aug"
+    module.setup("fit")
+    assert len(module.train_dataset) == 5 and module.train_dataset.mask_dir.name == "SegmentationClassAug"
+    original = VOCSegmentation(root, "train")
+    aug = VOCSegmentation(root, "train_aug")
+    assert torch.equal(aug[0]["mask"], original[0]["mask"])  # 'L' and 'P' files, same indices
+
+
+def test_scale_grid() -> None:
+    assert scale_choices((0.5, 2.0), 0.25) == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert scale_choices((0.5, 2.0), None) is None
+    assert scale_choices((1.0, 1.0), 0.25) == [1.0]
+    with pytest.raises(ValueError, match="scale_range"):
+        scale_choices((2.0, 0.5), 0.25)
+
+
+def test_training_crops_pad_with_ignore_and_keep_masks_aligned() -> None:
+    # Left half class 3, right half class 7; the image encodes the class in its red channel.
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:, :30], mask[:, 30:] = 3, 7
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[..., 0] = mask * 30
+    image[..., 1:] = 90
+    transform = train_transforms(97, scale_range=(0.5, 2.0), scale_step=0.25)
+    transform.set_random_seed(0)
+    padded_seen = False
+    for _ in range(12):
+        out = transform(image=image, mask=mask)
+        tensor, labels = out["image"], torch.as_tensor(out["mask"]).long()
+        assert tuple(tensor.shape) == (3, 97, 97) and tuple(labels.shape) == (97, 97)
+        values = set(labels.unique().tolist())
+        assert values <= {3, 7, 255}  # nearest neighbour: no blended labels
+        red = unnormalise(tensor)[..., 0]
+        pad = labels == 255
+        if pad.any():
+            padded_seen = True
+            # Padding is the mean pixel, i.e. zero once normalised.
+            assert torch.allclose(tensor[:, pad], torch.zeros(3, 1), atol=0.02)
+        # Away from the class edge, the image content agrees with the label.
+        for label in (3, 7):
+            inside = (labels == label).numpy()
+            assert np.median(red[inside]) == pytest.approx(label * 30, abs=2)
+    assert padded_seen  # scales below 97/60 leave borders to pad
+
+
+def test_eval_keeps_full_resolution_and_collate_pads(synthetic_voc: Path) -> None:
+    dataset = VOCSegmentation(synthetic_voc, "val", transform=eval_transforms())
+    raw = VOCSegmentation(synthetic_voc, "val")
+    samples = [dataset[0], dataset[1]]
+    for index, sample in enumerate(samples):
+        assert sample["image"].shape[-2:] == raw[index]["mask"].shape
+        assert torch.equal(sample["mask"], raw[index]["mask"])  # no distortion
+    batch = pad_collate(samples)
+    height = max(s["image"].shape[1] for s in samples)
+    width = max(s["image"].shape[2] for s in samples)
+    assert tuple(batch["images"].shape) == (2, 3, height, width)
+    assert batch["masks"].dtype == torch.int64
+    for index, (h, w) in enumerate(batch["image_sizes"]):
+        assert (h, w) == tuple(samples[index]["mask"].shape)
+        assert torch.equal(batch["masks"][index, :h, :w], samples[index]["mask"])
+        assert (batch["masks"][index, h:] == 255).all() and (batch["masks"][index, :, w:] == 255).all()
+        assert (batch["images"][index, :, h:] == 0).all()
+    assert batch["image_ids"] == [dataset.ids[0], dataset.ids[1]]
+
+
+def test_datamodule_batches(synthetic_voc: Path) -> None:
+    torch.manual_seed(0)
+    module = VOCSegmentationDataModule(
+        str(synthetic_voc), crop_size=65, batch_size=3, val_batch_size=2, num_workers=0, val_limit=4
+    )
+    module.setup("fit")
+    train = next(iter(module.train_dataloader()))
+    assert tuple(train["images"].shape) == (3, 3, 65, 65) and tuple(train["masks"].shape) == (3, 65, 65)
+    assert train["images"].dtype == torch.float32 and train["masks"].dtype == torch.int64
+    assert len(module.train_dataloader()) == 16 // 3  # full batches only
+    val_batches = list(module.val_dataloader())
+    assert len(val_batches) == 2 and len(val_batches[0]["image_sizes"]) == 2
+    # The augmentation stream follows torch's seed (so seed_everything makes it reproducible).
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        fresh = VOCSegmentationDataModule(str(synthetic_voc), crop_size=65, num_workers=0)
+        fresh.setup("fit")
+        draws.append([fresh.train_dataset[0]["image"], fresh.train_dataset[0]["image"]])
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert not torch.equal(draws[0][0], draws[0][1])  # a new crop each time the image is drawn
+
+
+def test_each_worker_draws_its_own_augmentations(synthetic_voc: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from tasks.data.voc import seed_worker_transforms
+
+    dataset = VOCSegmentation(synthetic_voc, "train", transform=train_transforms(49))
+    dataset.ids = dataset.ids[:1] * 4  # one image: only the augmentation can differ
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker_transforms)
+    first, second = (batch["image"] for batch, _ in zip(loader, range(2)))  # one from each worker
+    assert not torch.equal(first, second)
+
+
+def test_synthetic_data_is_written_only_when_missing(
+    synthetic_voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tools.make_synthetic
+
+    calls: list[Path] = []
+    monkeypatch.setattr(tools.make_synthetic, "make_voc", lambda root: calls.append(Path(root)))
+    VOCSegmentationDataModule(str(tmp_path / "new"), synthetic=True).prepare_data()
+    VOCSegmentationDataModule(str(synthetic_voc), synthetic=True).prepare_data()
+    VOCSegmentationDataModule(str(tmp_path / "other")).prepare_data()
+    assert calls == [tmp_path / "new"]
