@@ -100,23 +100,24 @@ def latency_stats(times: Sequence[float], batch: int) -> dict[str, float]:
     return {"median_ms": float(median), "q25_ms": float(q25), "q75_ms": float(q75), "images_per_s": batch * 1000 / float(median)}
 
 
-def onnx_session(model: torch.nn.Module, size: int, path: Path, threads: int) -> Callable[[np.ndarray], Any]:
-    """Export ``model`` (raw outputs, dynamic batch) and open it in ONNX Runtime."""
-    import onnxruntime as ort
+def onnx_runner(model: torch.nn.Module, name: str, size: int, folder: Path, threads: int) -> Callable[[np.ndarray], Any]:
+    """Export ``model`` with ``tools/export.py``'s exporter and return an ONNX Runtime call.
 
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 3, size, size),),
-        str(path),
-        input_names=["images"],
-        dynamic_axes={"images": {0: "batch"}},
-        dynamo=False,
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"images": images})
+    Ours go through the deployment wrappers (detection with its NMS inside the graph);
+    torchvision's segmenters export their ``out`` logits.
+    """
+    from tasks.deploy import ExportableDetector, ExportableSegmenter
+    from tools.export import export_onnx, load_runner
+
+    if name == "ours_ssdlite_mobilenetv2":
+        wrapper: torch.nn.Module = ExportableDetector(model, postprocess=True)
+    elif name == "ours_deeplabv3_mobilenetv2":
+        wrapper = ExportableSegmenter(model, output="logits")
+    else:
+        wrapper = _RawOutputs(model)
+        wrapper.output_names = ("out",)
+    export_onnx(wrapper.eval(), torch.zeros(1, 3, size, size), folder / f"{name}.onnx", dynamic_size=False)
+    return load_runner(folder / f"{name}.onnx", "onnx", threads)
 
 
 def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool) -> dict[str, Any]:
@@ -128,6 +129,9 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bo
     counts = count(_RawOutputs(model) if name.startswith("tv_ssdlite") else model, size)
     result: dict[str, Any] = {"model": name, "input": size, "params": counts["params"], "madds": counts["madds"]}
     one, eight = torch.randn(1, 3, size, size), torch.randn(8, 3, size, size)
+    folder = tempfile.TemporaryDirectory()
+    # Export before any eager run: cached anchors made under inference_mode cannot be traced.
+    run_onnx = onnx_runner(model, name, size, Path(folder.name), threads) if use_onnx and not name.startswith("tv_ssdlite") else None
     with torch.inference_mode():
         result["eager_b1"] = latency_stats(timed_runs(lambda: call(model, one), runs, warmup), 1)
         result["eager_b8"] = latency_stats(timed_runs(lambda: call(model, eight), max(3, runs // 4), 1), 8)
@@ -138,23 +142,10 @@ def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bo
                 result["compile_b1"] = latency_stats(timed_runs(lambda: call(compiled, one), runs, warmup + 2), 1)
         except Exception as error:  # compile support varies by model and platform
             result["compile_b1"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
-    if use_onnx and not name.startswith("tv_ssdlite"):
-        with tempfile.TemporaryDirectory() as folder:
-            exportable = _RawOutputs(model)
-            run = onnx_session(exportable, size, Path(folder) / "model.onnx", threads)
-            if name == "ours_ssdlite_mobilenetv2":
-                head = model.head
-
-                def run_detect(images: np.ndarray) -> Any:  # ONNX raw heads + our post-processing
-                    names = ("cls_logits", "bbox_regression", "anchors")
-                    outputs = dict(zip(names, map(torch.from_numpy, run(images))))
-                    return head.postprocess(outputs, [(size, size)] * images.shape[0])
-
-                runner = run_detect
-            else:
-                runner = run
-            result["onnx_b1"] = latency_stats(timed_runs(lambda: runner(one.numpy()), runs, warmup), 1)
-            result["onnx_b8"] = latency_stats(timed_runs(lambda: runner(eight.numpy()), max(3, runs // 4), 1), 8)
+    if run_onnx is not None:
+        result["onnx_b1"] = latency_stats(timed_runs(lambda: run_onnx(one.numpy()), runs, warmup), 1)
+        result["onnx_b8"] = latency_stats(timed_runs(lambda: run_onnx(eight.numpy()), max(3, runs // 4), 1), 8)
+    folder.cleanup()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
