@@ -3,8 +3,9 @@
 * :class:`SSDLite`: a plain ``nn.Module``, backbone + :class:`~heads.ssdlite.SSDLiteHead`,
   ``forward(images) -> {"cls_logits", "bbox_regression", "anchors"}`` on an ImageNet-normalised
   batch (what export, benchmark and summary tools run).
-* :func:`ssdlite_mobilenetv2`: the paper's "MNet V2 + SSDLite" (4.3M parameters, 0.8B
-  multiply-adds at 300x300 with 91 classes) and its width-multiplier variants.
+* :func:`ssdlite_mobilenetv2` / :func:`ssdlite_mobilenetv2_coco`: the paper's "MNet V2 +
+  SSDLite" (4.3M parameters, 0.8B multiply-adds at 300x300 with 91 classes) and its
+  width-multiplier variants.
 * :class:`SSDLiteDetection`: the LightningModule that trains and evaluates it. Its ``__init__``
   arguments are what a config's ``model.init_args`` sets.
 
@@ -104,6 +105,14 @@ def ssdlite_mobilenetv2(
     depths = [max(int(depth * width_mult), min_depth) for depth in extra_depths]
     head = SSDLiteHead(backbone.output_shape(), num_classes=num_classes, extra_depths=depths, **head_options)
     return SSDLite(backbone, head)
+
+
+def ssdlite_mobilenetv2_coco(*, contiguous_labels: bool = False, **kwargs: Any) -> SSDLite:
+    """The paper's COCO detector: MobileNetV2 1.0 + SSDLite with 91 outputs (background + COCO
+    category ids 1..90, as the TF model) or, with ``contiguous_labels``, 81 (background + the 80
+    categories numbered 1..80). Run it at 300x300 (the paper) or 320x320 (torchvision)."""
+    num_classes = COCO_NUM_CLASSES_CONTIGUOUS if contiguous_labels else COCO_NUM_CLASSES_CATEGORY_IDS
+    return ssdlite_mobilenetv2(num_classes=num_classes, **kwargs)
 
 
 class WarmupSchedule:
@@ -339,10 +348,11 @@ class SSDLiteDetection(LightningModule):
         metric.update(batch["image_ids"], detections)
 
     def _log_map(self, metric: COCOMeanAveragePrecision, prefix: str) -> None:
-        # compute() gathers every rank's detections, so each rank evaluates the whole set.
+        # compute() gathers every rank's detections, so each rank evaluates the whole set and
+        # logs the same numbers (no further reduction; ModelCheckpoint sees them on every rank).
         results = metric.compute()
         for key in SUMMARY_KEYS:
-            self.log(f"{prefix}/{key}", results[key], prog_bar=key in ("AP", "AP50"), rank_zero_only=True)
+            self.log(f"{prefix}/{key}", results[key], prog_bar=key in ("AP", "AP50"))
         metric.reset()
 
     def on_validation_epoch_start(self) -> None:

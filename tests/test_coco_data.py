@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import tools.make_synthetic
+import tasks.data.synthetic
 from tasks.data.coco import COCODetection, COCODetectionDataModule, collate_detection, load_coco_annotations
 from tasks.data.detection_transforms import (
     IMAGENET_MEAN,
@@ -137,13 +137,13 @@ def test_missing_files_are_named(synthetic_coco: Path, tmp_path: Path) -> None:
 
 def test_synthetic_flag_writes_the_data_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = tools.make_synthetic.make_coco
+    real = tasks.data.synthetic.make_coco
 
     def small(root: Path, **_: object) -> Path:
         calls.append(root)
         return real(root, num_train=6, num_val=2, min_size=96, max_size=128)
 
-    monkeypatch.setattr(tools.make_synthetic, "make_coco", small)
+    monkeypatch.setattr(tasks.data.synthetic, "make_coco", small)
     dm = datamodule(tmp_path / "synth", synthetic=True)
     dm.prepare_data()
     dm.prepare_data()  # already there: not rewritten

@@ -70,6 +70,12 @@ def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_pa
 
     validated = main(["validate", *args, "--ckpt_path", str(checkpoint)])
     assert "val/AP" in validated.trainer.callback_metrics
+    tested = main(["test", *args, "--ckpt_path", str(checkpoint)])
+    assert "test/AP" in tested.trainer.callback_metrics
+    predicted = main(["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1"])
+    (first,) = predicted.trainer.predict_loop.predictions[:1]
+    assert {"image_id", "boxes", "scores", "labels"} <= set(first[0])
+    assert len(first[0]["scores"]) <= 100
 
 
 def test_coco_config_is_the_paper_model() -> None:

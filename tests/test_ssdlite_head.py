@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 from backbones import FeatureSpec, MobileNetV2
 from heads.anchors import encode_boxes
 from heads.ssdlite import SSDLiteHead
-from tasks.detection import ssdlite_mobilenetv2
+from tasks.detection import ssdlite_mobilenetv2, ssdlite_mobilenetv2_coco
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,8 @@ def test_layers_are_separable() -> None:
 
 def test_paper_model_size_and_cost() -> None:
     # Table 6: MNet V2 + SSDLite, 4.3M parameters and 0.8B multiply-adds at 300x300.
-    model = ssdlite_mobilenetv2(num_classes=91).eval()
+    model = ssdlite_mobilenetv2_coco().eval()
+    assert model.head.num_classes == 91 and ssdlite_mobilenetv2_coco(contiguous_labels=True).head.num_classes == 81
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 4.3e6) <= 0.1 * 4.3e6, params
     with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -19,7 +19,7 @@ from tasks.data.segmentation_transforms import (
     train_transforms,
 )
 from tasks.data.voc import VOC_CLASSES, VOCSegmentation, VOCSegmentationDataModule, read_mask
-from tools.make_synthetic import VOC_PALETTE, VOC_SHAPE_CLASSES
+from tasks.data.synthetic import VOC_PALETTE, VOC_SHAPE_CLASSES
 
 
 def unnormalise(image: torch.Tensor) -> np.ndarray:
@@ -185,10 +185,10 @@ def test_each_worker_draws_its_own_augmentations(synthetic_voc: Path) -> None:
 def test_synthetic_data_is_written_only_when_missing(
     synthetic_voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tools.make_synthetic
+    import tasks.data.synthetic
 
     calls: list[Path] = []
-    monkeypatch.setattr(tools.make_synthetic, "make_voc", lambda root: calls.append(Path(root)))
+    monkeypatch.setattr(tasks.data.synthetic, "make_voc", lambda root: calls.append(Path(root)))
     VOCSegmentationDataModule(str(tmp_path / "new"), synthetic=True).prepare_data()
     VOCSegmentationDataModule(str(synthetic_voc), synthetic=True).prepare_data()
     VOCSegmentationDataModule(str(tmp_path / "other")).prepare_data()

@@ -223,7 +223,7 @@ class COCODetectionDataModule(LightningDataModule):
         photometric_p, zoom_out_p, zoom_out_max_scale, crop_p, crop_min_scale, hflip_p: the
             strength of the training augmentation (see ``detection_train_transform``).
         synthetic: when ``root`` holds no annotations yet, write the project's synthetic COCO-layout
-            set there first (``tools/make_synthetic.py``: 400 train / 50 val images of five
+            set there first (``tasks.data.synthetic.make_coco``: 400 train / 50 val images of five
             shape classes under category ids 1, 3, 7, 12, 44); for demos and CPU runs.
     """
 
@@ -361,7 +361,7 @@ class COCODetectionDataModule(LightningDataModule):
             return
         names = [self.splits["train"], self.splits["val"], self.splits["test"]]
         if not all((self.root / "annotations" / f"instances_{name}.json").is_file() for name in names):
-            from tools.make_synthetic import make_coco  # only the synthetic demo needs tools/
+            from tasks.data.synthetic import make_coco
 
             make_coco(self.root)
 

@@ -190,7 +190,8 @@ class VOCSegmentationDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         train_limit, val_limit: use only the first N ids of a split (quick runs).
         synthetic: when ``root`` holds no VOC yet, write the project's synthetic VOC-format set
-            there first (``tools/make_synthetic.py``); for demos and CPU runs.
+            there first (``tasks.data.synthetic.make_voc``: 300 train / 50 val images of five
+            shapes); for demos and CPU runs.
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class VOCSegmentationDataModule(LightningDataModule):
         try:
             find_voc2012(self.root)
         except FileNotFoundError:
-            from tools.make_synthetic import make_voc  # only the synthetic demo needs tools/
+            from tasks.data.synthetic import make_voc
 
             make_voc(self.root)
 
