@@ -179,7 +179,9 @@ class DefaultBoxGenerator:
             raise ValueError(f"got {len(sizes)} feature maps for {self.num_layers} anchor layers")
         key = (sizes, str(torch.device(device) if device is not None else "cpu"), dtype)
         anchors = self._cache.get(key)
-        if anchors is None:
+        # Boxes made under torch.inference_mode (a validation loop) cannot be saved for backward
+        # or traced later: outside inference mode such a cached tensor is made anew.
+        if anchors is None or (anchors.is_inference() and not torch.is_inference_mode_enabled()):
             # The first (finest) map has the input's aspect ratio: correct widths and heights
             # so that ratio-1 boxes are square in pixels (TF scales by min(H, W) / H and / W).
             first_h, first_w = sizes[0]
@@ -199,9 +201,7 @@ class DefaultBoxGenerator:
         return {"box_specs": self.box_specs, "_cache": {}}
 
 
-def encode_boxes(
-    boxes: Tensor, anchors: Tensor, weights: Sequence[float] = BOX_CODER_WEIGHTS
-) -> Tensor:
+def encode_boxes(boxes: Tensor, anchors: Tensor, weights: Sequence[float] = BOX_CODER_WEIGHTS) -> Tensor:
     """Regression targets of ``boxes`` relative to ``anchors`` (Faster R-CNN coding).
 
     ``dx = wx * (cx - cx_a) / w_a``, ``dy = wy * (cy - cy_a) / h_a``, ``dw = ww * log(w / w_a)``,
@@ -226,9 +226,7 @@ def encode_boxes(
     return torch.cat([dxy, dwh], dim=-1)
 
 
-def decode_boxes(
-    deltas: Tensor, anchors: Tensor, weights: Sequence[float] = BOX_CODER_WEIGHTS
-) -> Tensor:
+def decode_boxes(deltas: Tensor, anchors: Tensor, weights: Sequence[float] = BOX_CODER_WEIGHTS) -> Tensor:
     """Invert :func:`encode_boxes`: boxes (xyxy) from ``(dx, dy, dw, dh)`` and their anchors.
 
     Args:

@@ -245,7 +245,9 @@ class SSDLiteHead(nn.Module):
         return {"cls_logits": cls_logits, "bbox_regression": bbox_regression, "anchors": anchors}
 
     # ------------------------------------------------------------------ loss
-    def match(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    def match(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-anchor training targets of a batch.
 
         Returns:
@@ -274,7 +276,9 @@ class SSDLiteHead(nn.Module):
             ignore.append(matches == IGNORE)
         return torch.stack(labels), torch.stack(boxes), torch.stack(ignore)
 
-    def loss(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def loss(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
+    ) -> dict[str, Tensor]:
         """Classification and localisation losses, each normalised by the number of positives.
 
         Args:
@@ -296,7 +300,9 @@ class SSDLiteHead(nn.Module):
         num_positive = positive.sum()
         normaliser = num_positive.clamp(min=1).to(cls_logits.dtype)
 
-        box_targets = encode_boxes(gt_boxes[positive], anchors.expand_as(gt_boxes)[positive], self.box_coder_weights)
+        box_targets = encode_boxes(
+            gt_boxes[positive], anchors.expand_as(gt_boxes)[positive], self.box_coder_weights
+        )
         loss_box = F.smooth_l1_loss(deltas[positive], box_targets, beta=1.0, reduction="sum") / normaliser
 
         if self.loss_type == "focal":
@@ -309,7 +315,9 @@ class SSDLiteHead(nn.Module):
             loss_cls = self._hard_negative_mining_loss(cls_logits, labels, positive, ignore) / normaliser
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-    def _hard_negative_mining_loss(self, cls_logits: Tensor, labels: Tensor, positive: Tensor, ignore: Tensor) -> Tensor:
+    def _hard_negative_mining_loss(
+        self, cls_logits: Tensor, labels: Tensor, positive: Tensor, ignore: Tensor
+    ) -> Tensor:
         """Summed cross-entropy of positives and of the hardest negatives of each image (SSD 2.2)."""
         batch, num_anchors, num_classes = cls_logits.shape
         cross_entropy = F.cross_entropy(
@@ -365,8 +373,14 @@ class SSDLiteHead(nn.Module):
             det_scores, det_labels = top_scores[keep], class_ids[keep]
             det_boxes = boxes[index][top_anchors[keep]] * boxes.new_tensor([width, height, width, height])
             nonempty = (det_boxes[:, 2] > det_boxes[:, 0]) & (det_boxes[:, 3] > det_boxes[:, 1])
-            det_boxes, det_scores, det_labels = det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty]
-            kept = batched_nms(det_boxes, det_scores, det_labels, self.nms_threshold)[: self.detections_per_image]
+            det_boxes, det_scores, det_labels = (
+                det_boxes[nonempty],
+                det_scores[nonempty],
+                det_labels[nonempty],
+            )
+            kept = batched_nms(det_boxes, det_scores, det_labels, self.nms_threshold)[
+                : self.detections_per_image
+            ]
             results.append({"boxes": det_boxes[kept], "scores": det_scores[kept], "labels": det_labels[kept]})
         return results
 

@@ -61,7 +61,9 @@ class SSDLite(nn.Module):
         return self.head(self.backbone(images))
 
     @torch.no_grad()
-    def detect(self, images: Tensor, image_sizes: Tensor | Sequence[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+    def detect(
+        self, images: Tensor, image_sizes: Tensor | Sequence[tuple[int, int]] | None = None
+    ) -> list[dict[str, Tensor]]:
         """Detections per image in ``image_sizes`` (default: the input's size) pixel coordinates."""
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
@@ -235,7 +237,9 @@ class SSDLiteDetection(LightningModule):
         if optimizer not in ("sgd", "rmsprop", "adamw"):
             raise ValueError(f"optimizer must be 'sgd', 'rmsprop' or 'adamw', got {optimizer!r}")
         if lr_schedule not in ("cosine", "exponential", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine', 'exponential' or 'constant', got {lr_schedule!r}")
+            raise ValueError(
+                f"lr_schedule must be 'cosine', 'exponential' or 'constant', got {lr_schedule!r}"
+            )
         self.image_size = image_size
         # Backbone weights are loaded when fitting starts (setup), not here: building the task
         # (summary tools, load_from_checkpoint, predict from a checkpoint) never downloads.
@@ -292,31 +296,38 @@ class SSDLiteDetection(LightningModule):
         if num_classes is not None and num_classes > self.hparams.num_classes:
             raise ValueError(
                 f"the data has labels up to {num_classes - 1} but the model has num_classes="
-                f"{self.hparams.num_classes} (background included); set model.init_args.num_classes: {num_classes}"
+                f"{self.hparams.num_classes} (background included); "
+                f"set model.init_args.num_classes: {num_classes}"
             )
         data_size = getattr(datamodule, "image_size", None)
         if data_size is not None and data_size != self.image_size:
             rank_zero_warn(
-                f"data.image_size={data_size} differs from model.image_size={self.image_size}: the network "
-                "runs at the data's size (it is fully convolutional), but anchors were designed for the model's"
+                f"data.image_size={data_size} differs from model.image_size={self.image_size}: the "
+                "network runs at the data's size (it is fully convolutional), but its anchors were "
+                "designed for the model's"
             )
 
     def _attach_ground_truth(self, metric: COCOMeanAveragePrecision, attribute: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, attribute):
-            metric.set_ground_truth(getattr(datamodule, attribute), getattr(datamodule, "label_to_category_id", None))
+            metric.set_ground_truth(
+                getattr(datamodule, attribute), getattr(datamodule, "label_to_category_id", None)
+            )
         elif metric.coco_gt is None:
             raise RuntimeError(
                 f"COCO mAP needs the ground truth: use a DataModule with `{attribute}` and "
                 "`label_to_category_id` (tasks.data.coco.COCODetectionDataModule), or call "
-                f"{type(self).__name__}.{'val_map' if 'val' in attribute else 'test_map'}.set_ground_truth(...)"
+                f"{type(self).__name__}.{'val_map' if 'val' in attribute else 'test_map'}"
+                ".set_ground_truth(...)"
             )
 
     @staticmethod
     def normalised_targets(batch: Mapping[str, Any]) -> list[dict[str, Tensor]]:
         """The batch's pixel boxes as fractions of the input's width and height (the head's frame)."""
         height, width = batch["images"].shape[-2:]
-        scale = batch["images"].new_tensor([width, height, width, height])
+        scale = torch.tensor(
+            [width, height, width, height], dtype=torch.float32, device=batch["images"].device
+        )
         targets = []
         for target in batch["targets"]:
             normalised = {"boxes": target["boxes"] / scale, "labels": target["labels"]}
@@ -326,21 +337,34 @@ class SSDLiteDetection(LightningModule):
         return targets
 
     # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _images(batch: Mapping[str, Any]) -> Tensor:
+        images = batch["images"]
+        if not torch.is_floating_point(images):
+            raise TypeError(
+                f"batch images are {images.dtype}, expected normalised floats: COCODetectionDataModule "
+                "normalises in on_after_batch_transfer, so pass it as `datamodule=` (or apply "
+                "tasks.data.detection_transforms.normalize_images to loader batches yourself)"
+            )
+        return images
+
     def _losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
         losses = self.model.head.loss(outputs, self.normalised_targets(batch))
         losses["loss"] = losses["loss_cls"] + self.hparams.box_loss_weight * losses["loss_box"]
         return losses
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        losses = self._losses(self.model(batch["images"]), batch)
+        losses = self._losses(self.model(self._images(batch)), batch)
         batch_size = batch["images"].shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
         self.log("train/loss_cls", losses["loss_cls"], prog_bar=True, batch_size=batch_size)
         self.log("train/loss_box", losses["loss_box"], prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
-    def _evaluation_step(self, batch: Mapping[str, Any], metric: COCOMeanAveragePrecision, prefix: str) -> None:
-        outputs = self.model(batch["images"])
+    def _evaluation_step(
+        self, batch: Mapping[str, Any], metric: COCOMeanAveragePrecision, prefix: str
+    ) -> None:
+        outputs = self.model(self._images(batch))
         losses = self._losses(outputs, batch)
         self.log(f"{prefix}/loss", losses["loss"], batch_size=batch["images"].shape[0], sync_dist=True)
         # Normalised boxes map straight onto the original images: COCO results need their pixels.
@@ -375,7 +399,7 @@ class SSDLiteDetection(LightningModule):
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per image: ``image_id`` and ``boxes`` (xyxy, original pixels), ``scores``, ``labels``."""
-        outputs = self.model(batch["images"])
+        outputs = self.model(self._images(batch))
         detections = self.model.head.postprocess(outputs, batch["orig_sizes"])
         return [{"image_id": int(i), **d} for i, d in zip(batch["image_ids"], detections)]
 
@@ -399,12 +423,16 @@ class SSDLiteDetection(LightningModule):
         elif hp.optimizer == "rmsprop":
             # TF's RMSProp puts epsilon inside the square root and starts its mean square at 1;
             # with TF's eps = 1.0 both start as momentum SGD at about lr, as here.
-            optimizer = torch.optim.RMSprop(groups, lr=hp.lr, alpha=hp.rmsprop_alpha, eps=hp.rmsprop_eps, momentum=hp.momentum)
+            optimizer = torch.optim.RMSprop(
+                groups, lr=hp.lr, alpha=hp.rmsprop_alpha, eps=hp.rmsprop_eps, momentum=hp.momentum
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         if hp.lr_schedule == "cosine" and not math.isfinite(total_steps):
-            raise ValueError("lr_schedule='cosine' needs a finite run: set trainer.max_steps or trainer.max_epochs")
+            raise ValueError(
+                "lr_schedule='cosine' needs a finite run: set trainer.max_steps or trainer.max_epochs"
+            )
         schedule = WarmupSchedule(
             hp.lr_schedule,
             total_steps=int(total_steps),

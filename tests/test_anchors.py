@@ -37,8 +37,13 @@ def test_box_specs_follow_the_tf_ssdlite_config() -> None:
 
 
 def test_box_specs_options() -> None:
-    specs = ssd_box_specs(3, scales=[0.1, 0.4, 0.7], aspect_ratios=(1.0, 2.0), reduce_boxes_in_lowest_layer=False,
-                          interpolated_scale_aspect_ratio=0.0)
+    specs = ssd_box_specs(
+        3,
+        scales=[0.1, 0.4, 0.7],
+        aspect_ratios=(1.0, 2.0),
+        reduce_boxes_in_lowest_layer=False,
+        interpolated_scale_aspect_ratio=0.0,
+    )
     assert specs == [[(0.1, 1.0), (0.1, 2.0)], [(0.4, 1.0), (0.4, 2.0)], [(0.7, 1.0), (0.7, 2.0)]]
     with pytest.raises(ValueError, match="3 scales for 2 layers"):
         ssd_box_specs(2, scales=[0.1, 0.2, 0.3])
@@ -67,7 +72,9 @@ def test_anchor_geometry_by_hand() -> None:
     assert anchors[1083].tolist() == pytest.approx([0.05 - 0.175, 0.05 - 0.175, 0.05 + 0.175, 0.05 + 0.175])
     # Ratio 3 box of that cell: 0.35 * sqrt(3) wide, 0.35 / sqrt(3) high.
     w3, h3 = 0.35 * math.sqrt(3), 0.35 / math.sqrt(3)
-    assert anchors[1086].tolist() == pytest.approx([0.05 - w3 / 2, 0.05 - h3 / 2, 0.05 + w3 / 2, 0.05 + h3 / 2])
+    assert anchors[1086].tolist() == pytest.approx(
+        [0.05 - w3 / 2, 0.05 - h3 / 2, 0.05 + w3 / 2, 0.05 + h3 / 2]
+    )
     # The last box: the 1x1 map's interpolated box, sqrt(0.95 * 1.0), centred in the image.
     s = math.sqrt(0.95)
     assert anchors[-1].tolist() == pytest.approx([0.5 - s / 2, 0.5 - s / 2, 0.5 + s / 2, 0.5 + s / 2])
@@ -79,6 +86,12 @@ def test_anchors_are_cached_per_feature_map_size() -> None:
     assert generator(SIZES_300) is first  # no recomputation per batch
     assert generator(SIZES_320) is not first
     assert generator(SIZES_300, dtype=torch.float64).dtype == torch.float64
+    # Made in a validation loop's inference mode, they are remade for training and tracing.
+    generator = DefaultBoxGenerator.ssd()
+    with torch.inference_mode():
+        assert generator(SIZES_300).is_inference()
+    fresh = generator(SIZES_300)
+    assert not fresh.is_inference() and generator(SIZES_300) is fresh
     with pytest.raises(ValueError, match="5 feature maps for 6 anchor layers"):
         generator(SIZES_300[:5])
 
@@ -115,7 +128,9 @@ def test_encode_by_hand_and_round_trip() -> None:
 def test_decode_clamps_huge_size_deltas() -> None:
     decoded = decode_boxes(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), torch.tensor([[0.4, 0.4, 0.6, 0.6]]))
     assert torch.isfinite(decoded).all()
-    assert (decoded[0, 2] - decoded[0, 0]).item() == pytest.approx(0.2 * 1000 / 16, rel=1e-5)  # exp(log(1000 / 16)) * 0.2
+    assert (decoded[0, 2] - decoded[0, 0]).item() == pytest.approx(
+        0.2 * 1000 / 16, rel=1e-5
+    )  # exp(log(1000 / 16)) * 0.2
 
 
 def test_matching_threshold_force_match_empty_and_crowd() -> None:

@@ -59,14 +59,18 @@ def test_validation_batches_resize_only_and_keep_every_image(synthetic_coco: Pat
         assert set(batch) == {"images", "targets", "image_ids", "orig_sizes"}
         n = len(batch["image_ids"])
         assert batch["images"].shape == (n, 3, SIZE, SIZE) and batch["images"].dtype == torch.uint8
-        for image_id, orig_size, target in zip(batch["image_ids"].tolist(), batch["orig_sizes"].tolist(), batch["targets"]):
+        for image_id, orig_size, target in zip(
+            batch["image_ids"].tolist(), batch["orig_sizes"].tolist(), batch["targets"]
+        ):
             info = images[image_id]
             assert orig_size == [info["height"], info["width"]]
             scale = np.array([SIZE / info["width"], SIZE / info["height"]] * 2)
             anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
             objects = [a for a in anns if not a["iscrowd"]]
             crowds = [a for a in anns if a["iscrowd"]]
-            expected = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)]).reshape(-1, 4)
+            expected = np.array(
+                [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)]
+            ).reshape(-1, 4)
             np.testing.assert_allclose(target["boxes"].numpy(), np.clip(expected * scale, 0, SIZE), atol=1e-3)
             assert target["labels"].tolist() == [label_of[a["category_id"]] for a in objects]
             assert target["labels"].dtype == torch.int64
@@ -110,8 +114,17 @@ def test_degenerate_boxes_are_dropped_and_counted(synthetic_coco: Path, tmp_path
     next_id = max(a["id"] for a in gt["annotations"]) + 1
     bad = [[10, 10, 0, 5], [image["width"] + 5, 3, 10, 10]]  # zero width; entirely outside the image
     for offset, bbox in enumerate(bad):
-        gt["annotations"].append({"id": next_id + offset, "image_id": image["id"], "category_id": 3, "bbox": bbox,
-                                  "area": 1.0, "iscrowd": 0, "segmentation": [[0, 0, 1, 0, 1, 1]]})
+        gt["annotations"].append(
+            {
+                "id": next_id + offset,
+                "image_id": image["id"],
+                "category_id": 3,
+                "bbox": bbox,
+                "area": 1.0,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 1, 0, 1, 1]],
+            }
+        )
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(gt))
     dm = datamodule(root)
     with caplog.at_level(logging.WARNING, logger="tasks.data.coco"):
@@ -119,8 +132,11 @@ def test_degenerate_boxes_are_dropped_and_counted(synthetic_coco: Path, tmp_path
     assert dm.datasets["train"].num_dropped_boxes == 2
     assert "dropped 2 degenerate boxes" in caplog.text
     record = next(r for r in dm.datasets["train"].records if r["image_id"] == image["id"])
-    original = [a for a in annotations(synthetic_coco, "train2017")["annotations"]
-                if a["image_id"] == image["id"] and not a["iscrowd"]]
+    original = [
+        a
+        for a in annotations(synthetic_coco, "train2017")["annotations"]
+        if a["image_id"] == image["id"] and not a["iscrowd"]
+    ]
     assert len(record["boxes"]) == len(original)
 
 
@@ -177,8 +193,12 @@ def test_training_boxes_stay_on_their_objects() -> None:
             # The box holds its white rectangle: filled inside, and no white just outside it.
             assert inside.size == 0 or inside.mean() > 0.9
             ring = white[max(0, int(y1) - 3) : int(y2) + 3, max(0, int(x1) - 3) : int(x2) + 3].sum()
-            assert ring - white[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))].sum() <= 0.05 * ring + 4
-        changed += not np.allclose(np.asarray(out["bboxes"]).reshape(-1, 4), boxes * np.array([96 / 200, 96 / 120] * 2), atol=0.5)
+            assert (
+                ring - white[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))].sum() <= 0.05 * ring + 4
+            )
+        changed += not np.allclose(
+            np.asarray(out["bboxes"]).reshape(-1, 4), boxes * np.array([96 / 200, 96 / 120] * 2), atol=0.5
+        )
     assert changed > 20  # the augmentation really moves things
 
 
@@ -187,17 +207,24 @@ def test_min_iou_crop_meets_its_minimum_and_keeps_centres() -> None:
     box = np.array([[0.2, 0.2, 0.7, 0.8]])  # normalised, as albumentations passes it
     for seed in range(30):
         crop.set_random_seed(seed)
-        x1, y1, x2, y2 = crop.get_params_dependent_on_data({"shape": (100, 200, 3)}, {"bboxes": box})["crop_coords"]
+        x1, y1, x2, y2 = crop.get_params_dependent_on_data({"shape": (100, 200, 3)}, {"bboxes": box})[
+            "crop_coords"
+        ]
         bx1, by1, bx2, by2 = box[0] * [200, 100, 200, 100]
         inter = max(0, min(x2, bx2) - max(x1, bx1)) * max(0, min(y2, by2) - max(y1, by1))
         iou = inter / ((x2 - x1) * (y2 - y1) + (bx2 - bx1) * (by2 - by1) - inter)
         assert iou >= 0.5
         assert x1 < (bx1 + bx2) / 2 < x2 and y1 < (by1 + by2) / 2 < y2
     # Boxes whose centre leaves the patch are dropped (SSD), the others clipped to it.
-    kept = crop.apply_to_bboxes(np.array([[0.0, 0.0, 0.2, 0.2, 1], [0.4, 0.4, 0.9, 0.9, 2]]),
-                                crop_coords=(50, 25, 200, 100), shape=(100, 200))
+    kept = crop.apply_to_bboxes(
+        np.array([[0.0, 0.0, 0.2, 0.2, 1], [0.4, 0.4, 0.9, 0.9, 2]]),
+        crop_coords=(50, 25, 200, 100),
+        shape=(100, 200),
+    )
     assert kept[:, 4].tolist() == [2]
-    np.testing.assert_allclose(kept[0, :4], [(80 - 50) / 150, (40 - 25) / 75, (180 - 50) / 150, (90 - 25) / 75], atol=1e-6)
+    np.testing.assert_allclose(
+        kept[0, :4], [(80 - 50) / 150, (40 - 25) / 75, (180 - 50) / 150, (90 - 25) / 75], atol=1e-6
+    )
 
 
 def test_zoom_out_fills_with_the_mean() -> None:
@@ -224,8 +251,13 @@ def test_workers_draw_different_augmentations(synthetic_coco: Path) -> None:
     dm = datamodule(synthetic_coco)
 
     def dataset() -> COCODetection:
-        return COCODetection(synthetic_coco / "train2017", coco, detection_train_transform(64),
-                             category_id_to_label=dm.category_id_to_label, keep_empty_images=False)
+        return COCODetection(
+            synthetic_coco / "train2017",
+            coco,
+            detection_train_transform(64),
+            category_id_to_label=dm.category_id_to_label,
+            keep_empty_images=False,
+        )
 
     same_image = Subset(dataset(), [0, 0, 0, 0])
     loader = DataLoader(same_image, batch_size=1, num_workers=2, collate_fn=collate_detection)

@@ -99,7 +99,9 @@ def test_perfect_predictions_score_one_and_none_score_zero(val_gt: COCO, synthet
         evaluate_detections(val_gt, [dict(perfect[0], image_id=10**9)])
 
 
-def _as_batches(gt: COCO, results: list[dict], label_of: dict[int, int]) -> list[tuple[torch.Tensor, list[dict]]]:
+def _as_batches(
+    gt: COCO, results: list[dict], label_of: dict[int, int]
+) -> list[tuple[torch.Tensor, list[dict]]]:
     """The results as metric inputs: per image xyxy boxes and contiguous labels, in batches of 3."""
     image_ids = sorted(gt.getImgIds())
     per_image = {i: [r for r in results if r["image_id"] == i] for i in image_ids}
@@ -158,15 +160,22 @@ def test_metric_evaluates_only_the_images_seen_and_needs_ground_truth(val_gt: CO
     expected = evaluate_detections(val_gt, [r for r in results if r["image_id"] in seen], image_ids=seen)
     assert metric.compute()["AP"].item() == pytest.approx(expected["AP"], abs=1e-6)
     empty = COCOMeanAveragePrecision(val_gt, category_of)
-    empty.update(batches[0][0], [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                                  "labels": torch.zeros(0, dtype=torch.int64)}] * len(batches[0][0]))
+    empty.update(
+        batches[0][0],
+        [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}]
+        * len(batches[0][0]),
+    )
     assert empty.compute()["AP"].item() == 0.0
     with pytest.raises(RuntimeError, match="set_ground_truth"):
         COCOMeanAveragePrecision().compute()
 
 
-def _ddp_worker(rank: int, world_size: int, init_file: str, gt_dataset: dict, shards: list, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def _ddp_worker(
+    rank: int, world_size: int, init_file: str, gt_dataset: dict, shards: list, out_dir: str
+) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         gt = COCO()
         gt.dataset = gt_dataset

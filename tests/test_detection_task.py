@@ -25,14 +25,43 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI compares its args with sys.argv (pytest's here); run as `python tools/train.py ...`.
+    monkeypatch.setattr("sys.argv", ["tools/train.py"])
+
+
 def test_fit_fast_dev_run_through_the_real_config(synthetic_coco: Path, tmp_path: Path) -> None:
-    cli = main(["fit", "--config", SYNTHETIC_CONFIG, "--data.root", str(synthetic_coco), "--trainer.fast_dev_run", "2",
-                "--trainer.default_root_dir", str(tmp_path), *SMALL])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            SYNTHETIC_CONFIG,
+            "--data.root",
+            str(synthetic_coco),
+            "--trainer.fast_dev_run",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *SMALL,
+        ]
+    )
     assert isinstance(cli.model, SSDLiteDetection) and isinstance(cli.datamodule, COCODetectionDataModule)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
-    for key in ("train/loss", "train/loss_cls", "train/loss_box", "val/loss", "val/AP", "val/AP50", "val/AP75",
-                "val/APs", "val/APm", "val/APl", "val/AR100"):
+    for key in (
+        "train/loss",
+        "train/loss_cls",
+        "train/loss_box",
+        "val/loss",
+        "val/AP",
+        "val/AP50",
+        "val/AP75",
+        "val/APs",
+        "val/APm",
+        "val/APl",
+        "val/AR100",
+    ):
         assert key in metrics and math.isfinite(metrics[key].item()), key
     assert 0.0 <= metrics["val/AP"].item() <= 1.0
     # The task reads the label space from its DataModule: 5 shapes + background.
@@ -55,7 +84,10 @@ def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_pa
 
     hparams = torch.load(checkpoint, weights_only=False)["hyper_parameters"]
     assert "_instantiator" in hparams  # LightningCLI's: class_path arguments re-instantiate
-    for loaded in (SSDLiteDetection.load_from_checkpoint(checkpoint), LightningModule.load_from_checkpoint(checkpoint)):
+    for loaded in (
+        SSDLiteDetection.load_from_checkpoint(checkpoint),
+        LightningModule.load_from_checkpoint(checkpoint),
+    ):
         assert isinstance(loaded, SSDLiteDetection)
         assert loaded.hparams.width_mult == 0.35 and loaded.hparams.num_classes == 6
         trained = cli.model.state_dict()
@@ -72,7 +104,9 @@ def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_pa
     assert "val/AP" in validated.trainer.callback_metrics
     tested = main(["test", *args, "--ckpt_path", str(checkpoint)])
     assert "test/AP" in tested.trainer.callback_metrics
-    predicted = main(["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1"])
+    predicted = main(
+        ["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1"]
+    )
     (first,) = predicted.trainer.predict_loop.predictions[:1]
     assert {"image_id", "boxes", "scores", "labels"} <= set(first[0])
     assert len(first[0]["scores"]) <= 100
@@ -88,9 +122,14 @@ def test_coco_config_is_the_paper_model() -> None:
     assert network.head.num_anchors((300, 300)) == 1917
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_on_images_without_objects() -> None:
     task = SSDLiteDetection(num_classes=6, image_size=96, width_mult=0.35)
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "crowd_boxes": torch.zeros(0, 4)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "crowd_boxes": torch.zeros(0, 4),
+    }
     batch = {
         "images": torch.randn(2, 3, 96, 96),
         "targets": [empty, empty],
@@ -101,6 +140,8 @@ def test_training_step_on_images_without_objects() -> None:
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+    with pytest.raises(TypeError, match="normalised floats"):
+        task.training_step(dict(batch, images=torch.zeros(2, 3, 96, 96, dtype=torch.uint8)), 0)
     # Pixel boxes become fractions of the input for the head.
     batch["targets"][0] = {"boxes": torch.tensor([[9.6, 19.2, 48.0, 96.0]]), "labels": torch.tensor([2])}
     assert task.normalised_targets(batch)[0]["boxes"][0].tolist() == pytest.approx([0.1, 0.2, 0.5, 1.0])
@@ -125,7 +166,9 @@ def test_optimizer_excludes_batchnorm_and_biases_from_weight_decay(optimizer: st
     assert {id(p) for p in decay["params"]} == conv_weights
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(task.parameters()))
     assert config["lr_scheduler"]["interval"] == "step"
-    expected_type = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[optimizer]
+    expected_type = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[
+        optimizer
+    ]
     assert isinstance(opt, expected_type)
     if optimizer == "rmsprop":
         assert opt.defaults["alpha"] == 0.9 and opt.defaults["eps"] == 1.0 and opt.defaults["momentum"] == 0.9
@@ -140,8 +183,9 @@ def test_warmup_and_schedules_by_hand() -> None:
     assert cosine(110) == pytest.approx(0.0, abs=1e-12)
     floor = WarmupSchedule("cosine", total_steps=110, warmup_steps=10, warmup_factor=0.1, min_lr_ratio=0.1)
     assert floor(110) == pytest.approx(0.1)
-    exponential = WarmupSchedule("exponential", total_steps=0, warmup_steps=0, warmup_factor=1.0,
-                                 decay_rate=0.95, decay_steps=100)
+    exponential = WarmupSchedule(
+        "exponential", total_steps=0, warmup_steps=0, warmup_factor=1.0, decay_rate=0.95, decay_steps=100
+    )
     assert [exponential(s) for s in (0, 99, 100, 250)] == pytest.approx([1.0, 1.0, 0.95, 0.95**2])
     constant = WarmupSchedule("constant", total_steps=0, warmup_steps=4, warmup_factor=0.5)
     assert [constant(s) for s in (0, 2, 4, 1000)] == pytest.approx([0.5, 0.75, 1.0, 1.0])
@@ -156,5 +200,19 @@ def test_warmup_and_schedules_by_hand() -> None:
 
 def test_num_classes_must_cover_the_data(synthetic_coco: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_classes: 45"):
-        main(["fit", "--config", SYNTHETIC_CONFIG, "--data.root", str(synthetic_coco), "--trainer.fast_dev_run", "1",
-              "--trainer.default_root_dir", str(tmp_path), *SMALL, "--data.contiguous_labels", "false"])
+        main(
+            [
+                "fit",
+                "--config",
+                SYNTHETIC_CONFIG,
+                "--data.root",
+                str(synthetic_coco),
+                "--trainer.fast_dev_run",
+                "1",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                *SMALL,
+                "--data.contiguous_labels",
+                "false",
+            ]
+        )

@@ -50,9 +50,17 @@ def test_taps_and_extra_depths_follow_the_backbone_declarations() -> None:
     assert channels[:2] == [backbone_shape["c4_expand"].channels, backbone_shape["final_conv"].channels]
     assert channels[2:] == [179, 89, 89, 44]
     # A head on a made-up backbone declaration uses what it is told, by name.
-    head = SSDLiteHead({"a": FeatureSpec(40, 8), "b": FeatureSpec(72, 16)}, num_classes=3, in_features=("a", "b"),
-                       extra_depths=(64,))
-    assert head.feature_shape() == {"a": FeatureSpec(40, 8), "b": FeatureSpec(72, 16), "extra1": FeatureSpec(64, 32)}
+    head = SSDLiteHead(
+        {"a": FeatureSpec(40, 8), "b": FeatureSpec(72, 16)},
+        num_classes=3,
+        in_features=("a", "b"),
+        extra_depths=(64,),
+    )
+    assert head.feature_shape() == {
+        "a": FeatureSpec(40, 8),
+        "b": FeatureSpec(72, 16),
+        "extra1": FeatureSpec(64, 32),
+    }
     with pytest.raises(ValueError, match="c4_expand"):
         SSDLiteHead({"c5": FeatureSpec(320, 32)}, num_classes=3)
 
@@ -81,7 +89,10 @@ def test_layers_are_separable() -> None:
 def test_paper_model_size_and_cost() -> None:
     # Table 6: MNet V2 + SSDLite, 4.3M parameters and 0.8B multiply-adds at 300x300.
     model = ssdlite_mobilenetv2_coco().eval()
-    assert model.head.num_classes == 91 and ssdlite_mobilenetv2_coco(contiguous_labels=True).head.num_classes == 81
+    assert (
+        model.head.num_classes == 91
+        and ssdlite_mobilenetv2_coco(contiguous_labels=True).head.num_classes == 81
+    )
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 4.3e6) <= 0.1 * 4.3e6, params
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -103,10 +114,14 @@ def test_forward_outputs(small_model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------- loss
-def _outputs(num_images: int, anchors: torch.Tensor, num_classes: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def _outputs(
+    num_images: int, anchors: torch.Tensor, num_classes: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
-        "cls_logits": torch.randn(num_images, len(anchors), num_classes, generator=generator, requires_grad=True),
+        "cls_logits": torch.randn(
+            num_images, len(anchors), num_classes, generator=generator, requires_grad=True
+        ),
         "bbox_regression": torch.randn(num_images, len(anchors), 4, generator=generator, requires_grad=True),
         "anchors": anchors,
     }
@@ -120,7 +135,9 @@ def _grid_anchors(n: int = 10) -> torch.Tensor:
 
 
 def _head(**kwargs) -> SSDLiteHead:
-    return SSDLiteHead({"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=4, **kwargs)
+    return SSDLiteHead(
+        {"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=4, **kwargs
+    )
 
 
 def test_hard_negative_mining_loss_by_hand() -> None:
@@ -183,8 +200,12 @@ def test_hard_negative_mining_keeps_min_negatives_on_empty_images() -> None:
     head = _head(min_negatives_per_image=5)
     outputs = _outputs(1, _grid_anchors())
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    ce = F.cross_entropy(outputs["cls_logits"][0].detach(), torch.zeros(100, dtype=torch.int64), reduction="none")
-    assert head.loss(outputs, empty)["loss_cls"].item() == pytest.approx(ce.topk(5).values.sum().item(), rel=1e-5)
+    ce = F.cross_entropy(
+        outputs["cls_logits"][0].detach(), torch.zeros(100, dtype=torch.int64), reduction="none"
+    )
+    assert head.loss(outputs, empty)["loss_cls"].item() == pytest.approx(
+        ce.topk(5).values.sum().item(), rel=1e-5
+    )
 
 
 def test_real_model_loss_backward(small_model: nn.Module) -> None:

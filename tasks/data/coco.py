@@ -123,7 +123,9 @@ class COCODetection(Dataset):
             crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations])
             unknown = {a["category_id"] for a in annotations} - set(category_id_to_label)
             if unknown:
-                raise ValueError(f"{info.get('file_name')}: category ids {sorted(unknown)} not in the label map")
+                raise ValueError(
+                    f"{info.get('file_name')}: category ids {sorted(unknown)} not in the label map"
+                )
             labels = np.array([category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
         else:
             boxes, crowd, labels = np.zeros((0, 4)), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
@@ -159,8 +161,10 @@ class COCODetection(Dataset):
         if image is None:
             raise FileNotFoundError(f"{path}: image missing or unreadable")
         if image.shape[:2] != record["size"]:
-            raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, annotations say "
-                             f"{record['size'][1]}x{record['size'][0]}")
+            raise ValueError(
+                f"{path}: image is {image.shape[1]}x{image.shape[0]}, annotations say "
+                f"{record['size'][1]}x{record['size'][0]}"
+            )
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -286,7 +290,9 @@ class COCODetectionDataModule(LightningDataModule):
         if name not in self._annotations:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"{self.root}: COCO root directory not found")
-            self._annotations[name] = load_coco_annotations(self.root / "annotations" / f"instances_{name}.json")
+            self._annotations[name] = load_coco_annotations(
+                self.root / "annotations" / f"instances_{name}.json"
+            )
         return self._annotations[name]
 
     @property
@@ -338,8 +344,8 @@ class COCODetectionDataModule(LightningDataModule):
             extra = set(coco.getCatIds()) - {c["id"] for c in self.categories}
             if extra:
                 raise ValueError(
-                    f"{self.root / 'annotations'}: split {self.splits[split]} has category ids {sorted(extra)} "
-                    f"that {self.splits['val']} lacks; both must share one label space"
+                    f"{self.root / 'annotations'}: split {self.splits[split]} has category ids "
+                    f"{sorted(extra)} that {self.splits['val']} lacks; both must share one label space"
                 )
         transform = (
             detection_train_transform(self.image_size, **self.augmentation)
@@ -406,6 +412,10 @@ class COCODetectionDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 images once they are on the device (4x fewer bytes to move)."""
-        if isinstance(batch, dict) and isinstance(batch.get("images"), Tensor) and batch["images"].dtype == torch.uint8:
+        if (
+            isinstance(batch, dict)
+            and isinstance(batch.get("images"), Tensor)
+            and batch["images"].dtype == torch.uint8
+        ):
             batch = {**batch, "images": normalize_images(batch["images"], IMAGENET_MEAN, IMAGENET_STD)}
         return batch

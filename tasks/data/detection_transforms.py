@@ -68,13 +68,19 @@ class ZoomOut(A.DualTransform):
         left = self.py_random.randint(0, out_w - width)
         return {"top": top, "left": left, "out_shape": (out_h, out_w)}
 
-    def apply(self, img: np.ndarray, top: int, left: int, out_shape: tuple[int, int], **params: Any) -> np.ndarray:
+    def apply(
+        self, img: np.ndarray, top: int, left: int, out_shape: tuple[int, int], **params: Any
+    ) -> np.ndarray:
         canvas = np.empty((*out_shape, *img.shape[2:]), dtype=img.dtype)
-        canvas[...] = np.asarray(self.fill[: img.shape[2]] if img.ndim == 3 else self.fill[0], dtype=img.dtype)
+        canvas[...] = np.asarray(
+            self.fill[: img.shape[2]] if img.ndim == 3 else self.fill[0], dtype=img.dtype
+        )
         canvas[top : top + img.shape[0], left : left + img.shape[1]] = img
         return canvas
 
-    def apply_to_mask(self, mask: np.ndarray, top: int, left: int, out_shape: tuple[int, int], **params: Any) -> np.ndarray:
+    def apply_to_mask(
+        self, mask: np.ndarray, top: int, left: int, out_shape: tuple[int, int], **params: Any
+    ) -> np.ndarray:
         canvas = np.zeros((*out_shape, *mask.shape[2:]), dtype=mask.dtype)
         canvas[top : top + mask.shape[0], left : left + mask.shape[1]] = mask
         return canvas
@@ -156,7 +162,11 @@ class MinIoURandomCrop(A.DualTransform):
                 return whole
             crop_w = int(width * self.py_random.uniform(self.min_scale, 1.0))
             crop_h = int(height * self.py_random.uniform(self.min_scale, 1.0))
-            if crop_w < 1 or crop_h < 1 or not self.min_aspect_ratio <= crop_w / crop_h <= self.max_aspect_ratio:
+            if (
+                crop_w < 1
+                or crop_h < 1
+                or not self.min_aspect_ratio <= crop_w / crop_h <= self.max_aspect_ratio
+            ):
                 continue
             left = self.py_random.randint(0, width - crop_w)
             top = self.py_random.randint(0, height - crop_h)
@@ -173,10 +183,14 @@ class MinIoURandomCrop(A.DualTransform):
     def apply(self, img: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any) -> np.ndarray:
         return fcrops.crop(img, *crop_coords)
 
-    def apply_to_mask(self, mask: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+    def apply_to_mask(
+        self, mask: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any
+    ) -> np.ndarray:
         return fcrops.crop(mask, *crop_coords)
 
-    def apply_to_bboxes(self, bboxes: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any
+    ) -> np.ndarray:
         if not len(bboxes):
             return bboxes
         shape = params["shape"][:2]
@@ -235,7 +249,11 @@ def detection_train_transform(
     return A.Compose(
         [
             A.ColorJitter(  # SSD's photometric distortions (torchvision's RandomPhotometricDistort ranges)
-                brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=photometric_p
+                brightness=(0.875, 1.125),
+                contrast=(0.5, 1.5),
+                saturation=(0.5, 1.5),
+                hue=(-0.05, 0.05),
+                p=photometric_p,
             ),
             ZoomOut(max_scale=zoom_out_max_scale, fill=fill, p=zoom_out_p),
             MinIoURandomCrop(min_scale=crop_min_scale, p=crop_p),

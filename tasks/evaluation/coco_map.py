@@ -115,7 +115,10 @@ def _results_as_dicts(results: Sequence[Mapping[str, Any]] | np.ndarray) -> list
     """Fresh result dicts (COCO's loaders write ``id``/``area`` into them) with plain numbers."""
     if isinstance(results, np.ndarray):
         if results.ndim != 2 or results.shape[1] != 7:
-            raise ValueError(f"results array must be [D, 7] (image_id, x, y, w, h, score, category_id), got {results.shape}")
+            raise ValueError(
+                "results array must be [D, 7] (image_id, x, y, w, h, score, category_id), "
+                f"got {results.shape}"
+            )
         return [
             {
                 "image_id": int(row[0]),
@@ -271,7 +274,9 @@ class COCOMeanAveragePrecision(Metric):
         """Give the ground truth (``COCO``, dataset dict or path) and the label -> category-id map."""
         self.coco_gt = load_coco(coco_gt, self.backend)
         self.label_to_category_id = (
-            None if label_to_category_id is None else {int(k): int(v) for k, v in label_to_category_id.items()}
+            None
+            if label_to_category_id is None
+            else {int(k): int(v) for k, v in label_to_category_id.items()}
         )
 
     def update(self, image_ids: Tensor | Sequence[int], detections: Sequence[Mapping[str, Tensor]]) -> None:
@@ -285,7 +290,11 @@ class COCOMeanAveragePrecision(Metric):
         image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=self.device).reshape(-1)
         if len(image_ids) != len(detections):
             raise ValueError(f"got {len(image_ids)} image ids for {len(detections)} detection sets")
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         sources = rank * _RANK_STRIDE + self._seen + torch.arange(len(image_ids), device=self.device)
         self._seen += len(image_ids)
         self.image_records.append(torch.stack([image_ids, sources], dim=1))
@@ -294,7 +303,11 @@ class COCOMeanAveragePrecision(Metric):
             self.det_boxes.append(det["boxes"].detach().to(self.device, torch.float32).reshape(-1, 4))
             self.det_scores.append(det["scores"].detach().to(self.device, torch.float32).reshape(-1))
             meta = torch.stack(
-                [image_id.expand(count), det["labels"].to(self.device, torch.int64).reshape(-1), source.expand(count)],
+                [
+                    image_id.expand(count),
+                    det["labels"].to(self.device, torch.int64).reshape(-1),
+                    source.expand(count),
+                ],
                 dim=1,
             )
             self.det_meta.append(meta)
