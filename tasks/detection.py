@@ -271,9 +271,22 @@ class SSDLiteDetection(LightningModule):
         self._backbone_weights_loaded = False
         self.val_map = COCOMeanAveragePrecision(backend=eval_backend)
         self.test_map = COCOMeanAveragePrecision(backend=eval_backend)
+        # {label: class name}, from the DataModule at save time: pictures and tools need the
+        # names long after the annotation files are gone.
+        self.class_names: dict[int, str] = {}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        if names:
+            self.class_names = {int(label): str(name) for label, name in dict(names).items()}
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = {int(label): name for label, name in checkpoint.get("class_names", {}).items()}
 
     # ------------------------------------------------------------------ data wiring
     def prepare_data(self) -> None:

@@ -68,6 +68,8 @@ def test_predict_draws_pictures_for_both_tasks(
         with Image.open(tmp_path / "det" / f"{image.stem}.png") as picture, Image.open(image) as original:
             assert picture.size == original.size and picture.mode == "RGB"
     assert (tmp_path / "det" / "grid.png").is_file()
+    # Names travel in the checkpoint (labels 1..5 <-> category ids 1, 3, 7, 12, 44).
+    assert load_task(detection_checkpoint).class_names == {1: "circle", 2: "square", 3: "triangle", 4: "cross", 5: "ring"}
 
     folder = synthetic_voc / "VOCdevkit" / "VOC2012" / "JPEGImages"
     result = run_tool("predict.py", segmentation_checkpoint, folder, "--out", tmp_path / "seg", "--limit", "2")

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from tasks.data.detection_transforms import normalize_images  # noqa: E402
+from tasks.data.voc import VOC_CLASSES  # noqa: E402
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools.checkpoints import load_task  # noqa: E402
@@ -61,8 +62,12 @@ def to_batch(image: Image.Image, size: tuple[int, int] | None = None) -> torch.T
 
 
 def class_names(task: torch.nn.Module, count: int) -> list[str]:
-    names = list(getattr(task, "class_names", None) or [])
-    return names + [str(i) for i in range(len(names), count)]
+    """Names by label: saved in the checkpoint (detection), VOC's for 21 classes, else numbers."""
+    saved = getattr(task, "class_names", None) or {}
+    if not saved and isinstance(task, DeepLabV3Segmentation) and count == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    names = dict(enumerate(saved)) if isinstance(saved, (list, tuple)) else dict(saved)
+    return [names.get(label, str(label)) for label in range(count)]
 
 
 @torch.no_grad()
