@@ -240,3 +240,23 @@ def test_cli_writes_both_formats_and_summarises(tmp_path: Path) -> None:
 def test_cli_rejects_bad_sizes(tmp_path: Path) -> None:
     result = _cli("--out", str(tmp_path), "--format", "coco", "--min-size", "300", "--max-size", "200")
     assert result.returncode == 2 and "min_size <= max_size" in result.stderr
+
+
+def test_loaders_forked_after_generation_do_not_hang(tmp_path: Path) -> None:
+    """Writing the data uses OpenCV; DataLoader workers forked afterwards must still run."""
+    script = f"""
+from pathlib import Path
+from tasks.data.synthetic import make_coco
+from tasks.data.coco import COCODetectionDataModule
+root = make_coco(Path({str(tmp_path)!r}) / "coco", num_train=8, num_val=2)  # default sizes: cv2 goes parallel
+data = COCODetectionDataModule(root, image_size=160, batch_size=4, num_workers=2)
+data.setup("fit")
+batch = next(iter(data.train_dataloader()))
+print(tuple(batch["images"].shape))
+"""
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DataLoader workers hung after the synthetic data was written (OpenCV thread pool and fork)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("(4, 3, 160, 160)")
