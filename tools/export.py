@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tasks.deploy import DETECTION_OUTPUTS, ExportableDetector, ExportableSegmenter  # noqa: E402
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
+from tools.benchmark import timed_runs  # noqa: E402
 from tools.checkpoints import load_task  # noqa: E402
 
 
@@ -85,13 +85,8 @@ def load_runner(path: Path, export_format: str, threads: int) -> Callable[[np.nd
 
 
 def median_ms(call: Callable[[], Any], runs: int = 10) -> float:
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    """Median latency in milliseconds, after one untimed call."""
+    return 1000 * float(np.median(timed_runs(call, runs, warmup=1)))
 
 
 def matched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
