@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tasks.data.synthetic import VOC_PALETTE
+
 # A qualitative palette (Tableau 10 then a few more): distinct, readable on photos.
 BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -15,19 +17,9 @@ BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def voc_palette(num_entries: int = 256) -> list[tuple[int, int, int]]:
-    """PASCAL VOC's colour map: bits of the class index interleaved into R, G and B."""
-    palette = []
-    for index in range(num_entries):
-        red = green = blue = 0
-        value = index
-        for shift in range(7, -1, -1):
-            red |= (value & 1) << shift
-            green |= ((value >> 1) & 1) << shift
-            blue |= ((value >> 2) & 1) << shift
-            value >>= 3
-        palette.append((red, green, blue))
-    return palette
+def voc_palette() -> list[tuple[int, int, int]]:
+    """PASCAL VOC's 256-colour map as RGB tuples (the one the synthetic masks are written with)."""
+    return [tuple(VOC_PALETTE[i : i + 3]) for i in range(0, len(VOC_PALETTE), 3)]
 
 
 def _font(size: int) -> ImageFont.ImageFont:

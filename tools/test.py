@@ -30,7 +30,7 @@ from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools import eval_coco, eval_miou  # noqa: E402
 from tools.checkpoints import load_task, read_checkpoint, recorded_class  # noqa: E402
-from tools.drawing import voc_palette  # noqa: E402
+from tasks.data.synthetic import VOC_PALETTE  # noqa: E402
 
 
 def load_datamodule(path: Path, **overrides: Any) -> LightningDataModule:
@@ -78,12 +78,11 @@ def test_segmentation(task: DeepLabV3Segmentation, datamodule: LightningDataModu
     """Label maps of the val split -> palette PNGs -> mIoU through ``eval_miou``."""
     labels_dir = out / "labels"
     labels_dir.mkdir(parents=True, exist_ok=True)
-    palette = [value for colour in voc_palette() for value in colour]
     stems = []
     for index, batch in batches(datamodule):
         for image_id, labels in zip(batch["image_ids"], task.predict_step(batch, index)):
             image = Image.fromarray(labels.numpy().astype(np.uint8), mode="L").convert("P")
-            image.putpalette(palette)
+            image.putpalette(VOC_PALETTE)
             image.save(labels_dir / f"{image_id}.png")
             stems.append(image_id)
     dataset = datamodule.val_dataset
