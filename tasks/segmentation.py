@@ -259,6 +259,14 @@ class DeepLabV3Segmentation(LightningModule):
             # Before a resumed checkpoint is restored, so --ckpt_path still wins.
             self.model.backbone.load_weights(weights)
             self._backbone_weights_loaded = True
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes > self.hparams.num_classes:
+            raise ValueError(
+                f"the data has labels up to {data_classes - 1} but the model has num_classes="
+                f"{self.hparams.num_classes} (background included); set model.init_args.num_classes: "
+                f"{data_classes} (or data.init_args.num_classes for a dataset with fewer classes)"
+            )
 
     # ------------------------------------------------------------------ batch norm policy
     def _freeze_bn(self) -> None:

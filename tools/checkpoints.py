@@ -55,3 +55,80 @@ def load_task(path: str | Path, expected: type[Task] | tuple[type[LightningModul
         raise ValueError(f"{path}: checkpoint of a {cls.__name__}, but this needs a {names} checkpoint")
     task = cls.load_from_checkpoint(path, map_location="cpu")
     return task.eval()
+
+
+def read_hyper_parameters(path: str | Path) -> tuple[dict, dict[str, torch.Size]]:
+    """The saved hyper-parameters and the parameter shapes of a checkpoint (memory-mapped, cheap)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one): the ordinary reader names the problem
+        checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'); use tools/train.py to make one")
+    shapes = {key: value.shape for key, value in checkpoint["state_dict"].items() if hasattr(value, "shape")}
+    return dict(checkpoint.get("hyper_parameters", {})), shapes
+
+
+def check_task(path: str | Path, class_path: str) -> None:
+    """Refuse a checkpoint whose task class is not (a subclass of) the configured ``class_path``.
+
+    Raises:
+        ValueError: naming both classes, e.g. a segmentation checkpoint for a detection config.
+    """
+    hyper_parameters, _ = read_hyper_parameters(path)
+    if not hyper_parameters.get("_class_path"):
+        return  # not written through tools/train.py: the shape check decides
+    recorded = recorded_class(path, hyper_parameters)
+    configured = recorded_class(path, {"_class_path": class_path})
+    if not (issubclass(recorded, configured) or issubclass(configured, recorded)):
+        raise ValueError(
+            f"{path}: checkpoint of a {recorded.__name__}, but the config trains a {configured.__name__}; "
+            f"pass a {configured.__name__} checkpoint, or the config of the run that wrote this one"
+        )
+
+
+def check_compatible(path: str | Path, model: LightningModule) -> None:
+    """Refuse, with what to change, a checkpoint that ``model`` cannot load.
+
+    Raises:
+        ValueError: when the checkpoint holds another task (a segmentation checkpoint given to a
+            detection config), or when its parameter shapes differ from ``model``'s; the message
+            lists the hyper-parameters that differ between the checkpoint and the config.
+    """
+    hyper_parameters, shapes = read_hyper_parameters(path)
+    recorded = hyper_parameters.get("_class_path")
+    if recorded:
+        cls = recorded_class(path, hyper_parameters)
+        if not isinstance(model, cls) and not issubclass(cls, type(model)):
+            raise ValueError(
+                f"{path}: checkpoint of a {cls.__name__}, but the config trains a {type(model).__name__}; "
+                f"pass a {type(model).__name__} checkpoint, or the config of the run that wrote this one"
+            )
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    if not shapes or shapes == expected:
+        return
+    own = dict(getattr(model, "hparams", {}))
+    differing = [
+        f"model.{key}: checkpoint {hyper_parameters[key]!r}, config {own[key]!r}"
+        for key in sorted(own)
+        if not key.startswith("_") and key in hyper_parameters and hyper_parameters[key] != own[key]
+    ]
+    detail = "; ".join(differing) if differing else "the architecture differs"
+    raise ValueError(
+        f"{path}: parameter shapes differ from the configured model ({detail}); "
+        "set these model options to the checkpoint's values"
+    )
+
+
+def find_last_checkpoint(folders: list[Path]) -> Path | None:
+    """The newest ``last*.ckpt`` in ``folders`` (and their ``*/checkpoints`` sub-folders), or None."""
+    candidates: list[Path] = []
+    for folder in folders:
+        if folder.is_dir():
+            candidates += folder.glob("last*.ckpt")
+            candidates += folder.glob("*/checkpoints/last*.ckpt")
+    candidates = [path for path in candidates if path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None

@@ -52,6 +52,23 @@ from tasks.data.detection_transforms import (
     detection_train_transform,
     normalize_images,
 )
+from tasks.data.files import (
+    MissingFileError,
+    UnreadableSampleError,
+    describe_missing,
+    missing_files,
+    read_rgb,
+)
+from tasks.data.sampling import (
+    SKIPPED_KEY,
+    SampleSeeds,
+    SkipCounter,
+    collate_skipped,
+    epoch_sampler,
+    sampler_epoch_state,
+    global_seed,
+    load_skipping,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +81,15 @@ def load_coco_annotations(path: Path) -> COCO:
         )
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            return COCO(str(path))
-        except (ValueError, KeyError, TypeError) as error:
+            coco = COCO(str(path))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path}: not a COCO instances file ({error})") from error
+    if not isinstance(coco.dataset, dict) or not coco.dataset.get("images"):
+        raise ValueError(f"{path}: no images (an empty or foreign annotation file?)")
+    if not coco.dataset.get("categories"):
+        raise ValueError(f"{path}: no categories; a COCO instances file lists them under 'categories'")
+    coco.source_path = path  # for error messages further on
+    return coco
 
 
 class COCODetection(Dataset):
@@ -80,6 +103,16 @@ class COCODetection(Dataset):
         keep_empty_images: keep images with no usable (non-crowd, non-degenerate) box.
         min_box_size: boxes narrower or lower than this many pixels (after clipping to the
             image) are degenerate and dropped; the count is logged.
+        skip_unreadable: leave out images listed but missing (warned once, here) and replace
+            images that cannot be read by the next readable one (each one logged; the batch
+            carries the messages for ``SkippedSamplesReport``). Off: the first such image
+            stops the run with its path and the problem (missing files already here).
+        seeds: per-sample augmentation seeds (:class:`~tasks.data.sampling.SampleSeeds`); the
+            training loader's :class:`~tasks.data.sampling.EpochSampler` sets their epoch.
+
+    Boxes: clipped to the image; boxes left with no width or height are dropped and counted.
+    Annotations whose category id is not in ``category_id_to_label`` stop the run (naming the
+    annotation file, the annotation and the id).
     """
 
     def __init__(
@@ -91,12 +124,17 @@ class COCODetection(Dataset):
         category_id_to_label: Mapping[int, int],
         keep_empty_images: bool = True,
         min_box_size: float = 0.0,
+        skip_unreadable: bool = False,
+        seeds: SampleSeeds | None = None,
     ) -> None:
         if not image_dir.is_dir():
             raise FileNotFoundError(f"{image_dir}: COCO image directory not found")
         self.image_dir = image_dir
         self.coco = coco
+        self.source = getattr(coco, "source_path", image_dir)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self.seeds = seeds
         self._transform_seed: int | None = None
         self.num_dropped_boxes = 0
         self.records: list[dict[str, Any]] = []
@@ -107,6 +145,24 @@ class COCODetection(Dataset):
                 self.records.append(record)
         if self.num_dropped_boxes:
             logger.warning("%s: dropped %d degenerate boxes", image_dir.name, self.num_dropped_boxes)
+        self._check_files()
+        if not self.records:
+            raise ValueError(
+                f"{self.source}: no usable images in {image_dir.name}"
+                + ("" if keep_empty_images else " with objects (data.keep_empty_images is false)")
+            )
+
+    def _check_files(self) -> None:
+        """Fail now (or, skipping, leave them out) when listed images are missing: not hours in."""
+        missing = missing_files(self.image_dir, [r["file_name"] for r in self.records])
+        if not missing:
+            return
+        message = describe_missing(self.image_dir, missing, len(self.records), Path(self.source))
+        if not self.skip_unreadable:
+            raise MissingFileError(f"{message}; set data.skip_unreadable true to train without them")
+        logger.warning("%s; left out (data.skip_unreadable is on)", message)
+        gone = set(missing)
+        self.records = [r for r in self.records if r["file_name"] not in gone]
 
     def _record(
         self,
@@ -121,10 +177,12 @@ class COCODetection(Dataset):
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             boxes = np.clip(boxes, 0, [width, height, width, height])
             crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations])
-            unknown = {a["category_id"] for a in annotations} - set(category_id_to_label)
+            unknown = [a for a in annotations if a["category_id"] not in category_id_to_label]
             if unknown:
                 raise ValueError(
-                    f"{info.get('file_name')}: category ids {sorted(unknown)} not in the label map"
+                    f"{self.source}: annotation {unknown[0].get('id')} of image {info.get('file_name')} has "
+                    f"category id {unknown[0]['category_id']}, not one of the categories "
+                    f"{sorted(category_id_to_label)}"
                 )
             labels = np.array([category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
         else:
@@ -144,6 +202,11 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Per-sample augmentation seeds from now on follow ``(seed, epoch, index)``."""
+        if self.seeds is not None:
+            self.seeds.set_epoch(epoch)
+
     def _seed_transform(self) -> None:
         # albumentations' Compose owns its RNG: forked workers would all inherit one state and
         # repeat each other's augmentations. torch gives every worker (and every epoch) its own
@@ -154,23 +217,34 @@ class COCODetection(Dataset):
             self._transform_seed = seed
 
     def load_image(self, index: int) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` of record ``index``."""
+        """RGB uint8 ``[H, W, 3]`` of record ``index`` (grey, CMYK, RGBA... converted).
+
+        Raises:
+            UnreadableSampleError: naming the file: missing, corrupt, truncated, or not the
+                size its annotations give.
+        """
         record = self.records[index]
         path = self.image_dir / record["file_name"]
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"{path}: image missing or unreadable")
+        image = read_rgb(path)
         if image.shape[:2] != record["size"]:
-            raise ValueError(
+            raise UnreadableSampleError(
                 f"{path}: image is {image.shape[1]}x{image.shape[0]}, annotations say "
                 f"{record['size'][1]}x{record['size'][0]}"
             )
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: ``image`` uint8 Tensor[3, S, S], ``boxes``/``crowd_boxes`` xyxy pixels in it,
-        ``labels``, ``image_id`` and ``orig_size`` (height, width)."""
-        self._seed_transform()
+        ``labels``, ``image_id`` and ``orig_size`` (height, width); ``skipped_samples`` lists what
+        it replaced (``skip_unreadable``)."""
+        seed = self.seeds(index) if self.seeds is not None else None
+        if seed is None:
+            self._seed_transform()
+        else:
+            self.transform.set_random_seed(seed)
+        return load_skipping(index, len(self), self._load, skip=self.skip_unreadable)
+
+    def _load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         boxes = np.concatenate([record["boxes"], record["crowd_boxes"]])
         is_crowd = np.r_[np.zeros(len(record["boxes"])), np.ones(len(record["crowd_boxes"]))]
@@ -195,7 +269,7 @@ def _worker_init(worker_id: int) -> None:
 
 def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack samples of :class:`COCODetection` into the batch dict described in the module docs."""
-    return {
+    batch = {
         "images": torch.stack([s["image"] for s in samples]),
         "targets": [
             {"boxes": s["boxes"], "labels": s["labels"], "crowd_boxes": s["crowd_boxes"]} for s in samples
@@ -203,6 +277,10 @@ def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
     }
+    skipped = collate_skipped(samples)
+    if skipped:  # only when skip_unreadable replaced something; the DataModule removes it again
+        batch[SKIPPED_KEY] = skipped
+    return batch
 
 
 class COCODetectionDataModule(LightningDataModule):
@@ -229,6 +307,15 @@ class COCODetectionDataModule(LightningDataModule):
         synthetic: when ``root`` holds no annotations yet, write the project's synthetic COCO-layout
             set there first (``tasks.data.synthetic.make_coco``: 400 train / 50 val images of five
             shape classes under category ids 1, 3, 7, 12, 44); for demos and CPU runs.
+        skip_unreadable: training leaves out missing images and replaces unreadable ones (corrupt,
+            truncated, wrong size) by the next readable image instead of stopping; each is
+            logged, and ``SkippedSamplesReport`` (added by ``tools/train.py``) logs the count
+            per epoch as ``train/skipped_samples``. Evaluation splits never skip: their numbers
+            must cover the whole split, so a bad validation image always stops the run.
+
+    Training order and augmentation depend only on (``seed_everything``'s seed, epoch): a run
+    resumed from an end-of-epoch checkpoint sees what the uninterrupted run saw, whatever
+    ``num_workers`` is (see :mod:`tasks.data.sampling`).
     """
 
     def __init__(
@@ -255,6 +342,7 @@ class COCODetectionDataModule(LightningDataModule):
         crop_min_scale: float = 0.3,
         hflip_p: float = 0.5,
         synthetic: bool = False,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -271,6 +359,9 @@ class COCODetectionDataModule(LightningDataModule):
         self.contiguous_labels = contiguous_labels
         self.min_box_size = min_box_size
         self.synthetic = synthetic
+        self.skip_unreadable = skip_unreadable
+        self.skipped = SkipCounter()
+        self._start_epoch = 0  # the training sampler's first epoch (after a resume: see state_dict)
         self.augmentation = {
             "photometric_p": photometric_p,
             "zoom_out_p": zoom_out_p,
@@ -359,6 +450,8 @@ class COCODetectionDataModule(LightningDataModule):
             category_id_to_label=self.category_id_to_label,
             keep_empty_images=self.keep_empty_images if train else True,
             min_box_size=self.min_box_size,
+            skip_unreadable=self.skip_unreadable and train,
+            seeds=SampleSeeds(global_seed()) if train else None,
         )
 
     def prepare_data(self) -> None:
@@ -387,7 +480,7 @@ class COCODetectionDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=epoch_sampler(dataset, self.trainer, epoch=self._start_epoch) if train else None,
             # Equal batches keep BatchNorm statistics sane, unless that would leave no batch.
             drop_last=train and len(dataset) >= batch_size,
             num_workers=workers,
@@ -409,6 +502,17 @@ class COCODetectionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch the training sampler resumes at."""
+        return sampler_epoch_state(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count (and remove) the training set's skip messages, in the main process."""
+        return self.skipped.take(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 images once they are on the device (4x fewer bytes to move)."""

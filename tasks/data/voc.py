@@ -15,6 +15,7 @@ or greyscale (a classic bug) turns indices into colours or luminances.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,8 +25,27 @@ import albumentations as A
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from tasks.data.files import (
+    MissingFileError,
+    UnreadableSampleError,
+    describe_missing,
+    missing_files,
+    read_label_png,
+    read_rgb,
+)
+from tasks.data.sampling import (
+    SKIPPED_KEY,
+    SampleSeeds,
+    SkipCounter,
+    collate_skipped,
+    epoch_sampler,
+    sampler_epoch_state,
+    global_seed,
+    load_skipping,
+)
 
 from tasks.data.segmentation_transforms import (
     IMAGENET_MEAN,
@@ -42,6 +62,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )  # fmt: skip
 IGNORE_INDEX = 255
+logger = logging.getLogger(__name__)
 
 
 def find_voc2012(root: str | Path) -> Path:
@@ -55,20 +76,18 @@ def find_voc2012(root: str | Path) -> Path:
     )
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """A label PNG as ``uint8[H, W]`` class indices: the palette indices of a 'P' image, or an 'L' image."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(
-                f"{path}: mask is mode {image.mode}, expected P (palette indices) or L (class indices)"
-            )
-        return np.array(image, dtype=np.uint8)  # a 'P' image gives its indices, not colours
+def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
+    """A label PNG as ``uint8[H, W]`` class indices: the palette indices of a 'P' image, or an 'L' image.
+
+    Raises ``UnreadableSampleError`` (a ``ValueError``) naming the file for other modes, corrupt
+    files and, with ``num_classes``, labels outside ``0..num_classes - 1`` and 255.
+    """
+    return read_label_png(path, num_classes=num_classes, ignore_index=IGNORE_INDEX)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as ``uint8[H, W, 3]`` RGB."""
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+    """An image file as ``uint8[H, W, 3]`` RGB (grey, CMYK, RGBA... converted; see ``read_rgb``)."""
+    return read_rgb(path)
 
 
 def read_split(path: Path) -> list[str]:
@@ -104,6 +123,12 @@ class VOCSegmentation(Dataset):
         transform: an albumentations pipeline taking ``image`` and ``mask`` and returning tensors
             (:mod:`tasks.data.segmentation_transforms`); None returns normalisation-free tensors.
         limit: use only the first ``limit`` ids (quick runs).
+        num_classes: when given, masks with other labels (except 255) are refused, naming the file.
+        skip_unreadable: leave out ids whose files are missing (warned once, here) and replace
+            samples that cannot be read (corrupt or truncated, mask in the wrong mode, size or
+            label range) by the next readable one, logging each. Off: missing files stop the
+            run here, unreadable ones when first read, with the path and the problem.
+        seeds: per-sample augmentation seeds (see :mod:`tasks.data.sampling`).
 
     Items are ``{"image": Tensor[3, H, W] float, "mask": Tensor[H, W] int64, "image_id": str}``.
     """
@@ -115,6 +140,9 @@ class VOCSegmentation(Dataset):
         *,
         transform: A.Compose | None = None,
         limit: int | None = None,
+        num_classes: int | None = None,
+        skip_unreadable: bool = False,
+        seeds: SampleSeeds | None = None,
     ) -> None:
         self.voc = find_voc2012(root)
         list_file = self.voc / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -128,20 +156,50 @@ class VOCSegmentation(Dataset):
         if not self.ids:
             raise ValueError(f"{list_file}: no image ids")
         self.transform = transform
+        self.num_classes = num_classes
+        self.skip_unreadable = skip_unreadable
+        self.seeds = seeds
+        self._check_files(list_file)
+
+    def _check_files(self, list_file: Path) -> None:
+        """Missing images or masks stop the run now (or, skipping, are left out), not hours in."""
+        gone: set[str] = set()
+        for folder, suffix in ((self.voc / "JPEGImages", ".jpg"), (self.mask_dir, ".png")):
+            missing = missing_files(folder, [f"{image_id}{suffix}" for image_id in self.ids])
+            if not missing:
+                continue
+            message = describe_missing(folder, missing, len(self.ids), list_file)
+            if not self.skip_unreadable:
+                raise MissingFileError(f"{message}; set data.skip_unreadable true to train without them")
+            logger.warning("%s; left out (data.skip_unreadable is on)", message)
+            gone |= {Path(name).stem for name in missing}
+        self.ids = [image_id for image_id in self.ids if image_id not in gone]
+        if not self.ids:
+            raise ValueError(f"{list_file}: none of the listed images can be found")
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Per-sample augmentation seeds from now on follow ``(seed, epoch, index)``."""
+        if self.seeds is not None:
+            self.seeds.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        seed = self.seeds(index) if self.seeds is not None else None
+        if seed is not None and self.transform is not None:
+            self.transform.set_random_seed(seed)
+        return load_skipping(index, len(self), self._load, skip=self.skip_unreadable)
+
+    def _load(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image_path = self.voc / "JPEGImages" / f"{image_id}.jpg"
         mask_path = self.mask_dir / f"{image_id}.png"
-        for path in (image_path, mask_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: listed in split {self.split!r} but missing")
-        image, mask = read_image(image_path), read_mask(mask_path)
+        image, mask = read_image(image_path), read_mask(mask_path, self.num_classes)
         if image.shape[:2] != mask.shape:
-            raise ValueError(f"{mask_path}: mask is {mask.shape}, image is {image.shape[:2]}")
+            raise UnreadableSampleError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}"
+            )
         if self.transform is None:
             return {
                 "image": torch.from_numpy(image).permute(2, 0, 1).float(),
@@ -150,6 +208,15 @@ class VOCSegmentation(Dataset):
             }
         image_t, mask_t = apply_transforms(self.transform, image, mask)
         return {"image": image_t, "mask": mask_t, "image_id": image_id}
+
+
+def collate_segmentation(samples: Sequence[dict[str, Any]], *, ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
+    """:func:`pad_collate`, plus the skip messages of ``skip_unreadable`` when there are any."""
+    batch = pad_collate(samples, ignore_index=ignore_index)
+    skipped = collate_skipped(samples)
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
+    return batch
 
 
 def seed_worker_transforms(worker_id: int) -> None:
@@ -192,6 +259,17 @@ class VOCSegmentationDataModule(LightningDataModule):
         synthetic: when ``root`` holds no VOC yet, write the project's synthetic VOC-format set
             there first (``tasks.data.synthetic.make_voc``: 300 train / 50 val images of five
             shapes); for demos and CPU runs.
+        num_classes: classes in the masks, background included (21 for VOC); masks with other
+            labels are refused, naming the file. The model's ``num_classes`` must cover it.
+        skip_unreadable: training leaves out ids whose files are missing and replaces unreadable
+            samples by the next readable one instead of stopping; each is logged, and
+            ``SkippedSamplesReport`` (added by ``tools/train.py``) logs the count per epoch as
+            ``train/skipped_samples``. Validation never skips (its mIoU must cover the split).
+
+    Training order and augmentation depend only on (``seed_everything``'s seed, epoch), so a
+    run resumed from an end-of-epoch checkpoint is the uninterrupted run. Under DDP validation
+    images are split across ranks without the ``DistributedSampler``'s padding (no image is
+    counted twice), and the confusion matrices are summed: mIoU equals one process's.
     """
 
     def __init__(
@@ -212,12 +290,20 @@ class VOCSegmentationDataModule(LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         synthetic: bool = False,
+        num_classes: int = len(VOC_CLASSES),
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.num_classes = len(VOC_CLASSES)
-        self.class_names = VOC_CLASSES
+        if not 1 < num_classes < IGNORE_INDEX:
+            raise ValueError(f"num_classes must be in 2..{IGNORE_INDEX - 1}, got {num_classes}")
+        self.num_classes = num_classes
+        self.class_names = (
+            VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class_{i}" for i in range(num_classes))
+        )
+        self.skipped = SkipCounter()
+        self._start_epoch = 0  # the training sampler's first epoch (after a resume: see state_dict)
         self.ignore_index = IGNORE_INDEX
         self.train_dataset: VOCSegmentation | None = None
         self.val_dataset: VOCSegmentation | None = None
@@ -255,22 +341,34 @@ class VOCSegmentationDataModule(LightningDataModule):
             # reproducible too (workers reseed in seed_worker_transforms).
             transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
             self.train_dataset = VOCSegmentation(
-                self.root, self.resolve_train_split(), transform=transform, limit=hp.train_limit
+                self.root,
+                self.resolve_train_split(),
+                transform=transform,
+                limit=hp.train_limit,
+                num_classes=self.num_classes,
+                skip_unreadable=hp.skip_unreadable,
+                seeds=SampleSeeds(global_seed()),
             )
         if stage in (None, "fit", "validate", "test", "predict") and self.val_dataset is None:
             self.val_dataset = VOCSegmentation(
-                self.root, hp.val_split, transform=eval_transforms(mean=hp.mean, std=hp.std), limit=hp.val_limit
+                self.root,
+                hp.val_split,
+                transform=eval_transforms(mean=hp.mean, std=hp.std),
+                limit=hp.val_limit,
+                num_classes=self.num_classes,
             )
 
     def _loader(self, dataset: Dataset, batch_size: int, *, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
         collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = partial(
-            pad_collate, ignore_index=IGNORE_INDEX
+            collate_segmentation, ignore_index=IGNORE_INDEX
         )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=(
+                epoch_sampler(dataset, self.trainer, epoch=self._start_epoch) if train else self._eval_sampler(dataset)
+            ),
             # Full batches only in training (BatchNorm), unless the set is smaller than one batch.
             drop_last=train and len(dataset) >= batch_size,
             num_workers=workers,
@@ -279,6 +377,28 @@ class VOCSegmentationDataModule(LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        # Lightning's DistributedSampler pads the last ranks with repeated images, whose pixels
+        # the summed confusion matrix would count twice. Each rank takes a disjoint share instead
+        # (ranks may then run one batch fewer: validation has no per-step collectives).
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch the training sampler resumes at."""
+        return sampler_epoch_state(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count (and remove) the training set's skip messages, in the main process."""
+        return self.skipped.take(batch)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
