@@ -1,9 +1,11 @@
 """Detection post-processing for a whole batch at once, with no Python loop (exportable).
 
-The same steps as :meth:`heads.ssdlite.SSDLiteHead.postprocess` (per-class top-k, score
-threshold, per-class NMS, at most N detections per image) written as one graph over the batch,
+Steps, per image: the ``topk_candidates`` best (anchor, class) scores over all classes (mmdet's
+``nms_pre``; it bounds the NMS work whatever the score distribution), the score threshold,
+per-class NMS, at most ``detections_per_image`` detections. Written as one graph over the batch,
 so ONNX and TorchScript exports keep a dynamic batch size: images are kept apart in a single
 ``batched_nms`` call by giving every (image, class) pair its own group.
+:meth:`heads.ssdlite.SSDLiteHead.postprocess` splits the result by image.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def batched_detections(
     Args:
         scores: Tensor[N, A, C] per-class probabilities without the background.
         boxes: Tensor[N, A, 4] decoded boxes, xyxy, in the coordinates wanted out.
-        score_threshold, nms_threshold, topk_candidates, detections_per_image: as the head's.
+        score_threshold: candidates must score above it.
+        nms_threshold: IoU above which NMS drops the lower-scoring box of the same class.
+        topk_candidates: (anchor, class) pairs kept per image before NMS, best first.
+        detections_per_image: detections kept per image after NMS, best first.
 
     Returns:
         ``boxes`` FloatTensor[D, 4] (xyxy), ``scores`` FloatTensor[D], ``labels`` Int64Tensor[D]
@@ -35,12 +40,12 @@ def batched_detections(
         by descending score.
     """
     batch, num_anchors, num_classes = scores.shape
-    k = min(topk_candidates, num_anchors)
-    top_scores, top_anchors = scores.topk(k, dim=1)  # [N, k, C]: the best anchors of each class
-    flat_anchors = top_anchors.reshape(batch, k * num_classes)
-    top_boxes = boxes.gather(1, flat_anchors.unsqueeze(-1).expand(-1, -1, 4)).reshape(-1, 4)
-    labels = torch.arange(1, num_classes + 1, device=scores.device).expand(batch, k, num_classes).reshape(-1)
-    images = torch.arange(batch, device=scores.device).unsqueeze(1).expand(batch, k * num_classes).reshape(-1)
+    k = min(topk_candidates, num_anchors * num_classes)
+    top_scores, flat_index = scores.reshape(batch, -1).topk(k, dim=1)  # [N, k], anchor-major
+    anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+    labels = (flat_index - anchor_index * num_classes + 1).reshape(-1)
+    top_boxes = boxes.gather(1, anchor_index.unsqueeze(-1).expand(-1, -1, 4)).reshape(-1, 4)
+    images = torch.arange(batch, device=scores.device).unsqueeze(1).expand(batch, k).reshape(-1)
     top_scores = top_scores.reshape(-1)
     nonempty = (top_boxes[:, 2] > top_boxes[:, 0]) & (top_boxes[:, 3] > top_boxes[:, 1])
     keep = torch.where((top_scores > score_threshold) & nonempty)[0]

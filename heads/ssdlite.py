@@ -30,6 +30,7 @@ from torchvision.ops import batched_nms, sigmoid_focal_loss
 
 from backbones.base import FeatureSpec
 from backbones.mobilenetv2 import ConvBNAct
+from heads.detection_postprocess import batched_detections
 from heads.anchors import (
     BOX_CODER_WEIGHTS,
     IGNORE,
@@ -95,7 +96,8 @@ class SSDLiteHead(nn.Module):
         focal_alpha, focal_gamma: focal loss parameters.
         score_threshold: detections scoring below it are dropped before NMS.
         nms_threshold: IoU of per-class non-maximum suppression.
-        topk_candidates: best-scoring anchors kept per class before NMS.
+        topk_candidates: best-scoring (anchor, class) pairs of an image kept before NMS, over all
+            classes (mmdet's ``nms_pre``): NMS work stays bounded however many boxes pass the threshold.
         detections_per_image: maximum detections returned per image.
     """
 
@@ -121,7 +123,7 @@ class SSDLiteHead(nn.Module):
         focal_gamma: float = 2.0,
         score_threshold: float = 0.001,
         nms_threshold: float = 0.55,
-        topk_candidates: int = 300,
+        topk_candidates: int = 1000,
         detections_per_image: int = 100,
     ) -> None:
         super().__init__()
@@ -345,7 +347,7 @@ class SSDLiteHead(nn.Module):
     def postprocess(
         self, outputs: Mapping[str, Tensor], image_sizes: Tensor | Sequence[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        """Detections per image: score threshold, per-class top-k, per-class NMS, at most N boxes.
+        """Detections per image: top-k candidates, score threshold, per-class NMS, at most N boxes.
 
         Args:
             outputs: :meth:`forward`'s dict.
@@ -362,27 +364,21 @@ class SSDLiteHead(nn.Module):
         boxes = decode_boxes(
             outputs["bbox_regression"].float(), outputs["anchors"].float(), self.box_coder_weights
         ).clamp(0.0, 1.0)
-        num_anchors, num_foreground = scores.shape[1:]
-        k = min(self.topk_candidates, num_anchors)
-        class_ids = torch.arange(1, num_foreground + 1, device=scores.device).expand(k, num_foreground)
-        results = []
-        for index, size in enumerate(image_sizes):
-            height, width = (float(v) for v in size)
-            top_scores, top_anchors = scores[index].topk(k, dim=0)  # [k, K]: best anchors per class
-            keep = top_scores > self.score_threshold
-            det_scores, det_labels = top_scores[keep], class_ids[keep]
-            det_boxes = boxes[index][top_anchors[keep]] * boxes.new_tensor([width, height, width, height])
-            nonempty = (det_boxes[:, 2] > det_boxes[:, 0]) & (det_boxes[:, 3] > det_boxes[:, 1])
-            det_boxes, det_scores, det_labels = (
-                det_boxes[nonempty],
-                det_scores[nonempty],
-                det_labels[nonempty],
-            )
-            kept = batched_nms(det_boxes, det_scores, det_labels, self.nms_threshold)[
-                : self.detections_per_image
-            ]
-            results.append({"boxes": det_boxes[kept], "scores": det_scores[kept], "labels": det_labels[kept]})
-        return results
+        sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(-1, 2)
+        boxes = boxes * sizes[:, [1, 0, 1, 0]].unsqueeze(1)  # normalised -> pixels of each image
+        det_boxes, det_scores, det_labels, det_images = batched_detections(
+            scores,
+            boxes,
+            score_threshold=self.score_threshold,
+            nms_threshold=self.nms_threshold,
+            topk_candidates=self.topk_candidates,
+            detections_per_image=self.detections_per_image,
+        )
+        counts = torch.bincount(det_images, minlength=len(sizes)).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": l}
+            for b, s, l in zip(det_boxes.split(counts), det_scores.split(counts), det_labels.split(counts))
+        ]
 
 
 def _flatten_predictions(x: Tensor, values_per_box: int) -> Tensor:

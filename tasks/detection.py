@@ -215,7 +215,7 @@ class SSDLiteDetection(LightningModule):
         box_loss_weight: float = 1.0,
         score_threshold: float = 0.001,
         nms_threshold: float = 0.55,
-        topk_candidates: int = 300,
+        topk_candidates: int = 1000,
         detections_per_image: int = 100,
         optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd",
         lr: float = 0.15,

@@ -10,9 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torchvision.ops import nms
 
 from heads.anchors import decode_boxes
 from heads.detection_postprocess import batched_detections
+from tasks import deploy
 from tasks.deploy import ExportableDetector, ExportableSegmenter
 from tasks.detection import ssdlite_mobilenetv2
 from tasks.segmentation import deeplabv3_mobilenetv2
@@ -22,7 +24,27 @@ from tools.checkpoints import load_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_batched_postprocess_equals_the_heads_per_image_loop() -> None:
+def reference_detections(
+    scores: torch.Tensor, boxes: torch.Tensor, *, score_threshold: float, nms_threshold: float, topk: int, keep: int
+) -> list[list[tuple[float, int, list[float]]]]:
+    """The post-processing spelt out with loops: per image, top-k over (anchor, class), threshold,
+    NMS one class at a time, best ``keep`` of what survives -> [(score, label, box)] per image."""
+    results = []
+    for image_scores, image_boxes in zip(scores, boxes):
+        num_classes = image_scores.shape[1]
+        top, flat = image_scores.flatten().topk(topk)
+        anchors, classes = flat // num_classes, flat % num_classes
+        detections = []
+        for label in range(num_classes):
+            chosen = (classes == label) & (top > score_threshold)
+            class_boxes, class_scores = image_boxes[anchors[chosen]], top[chosen]
+            for index in nms(class_boxes, class_scores, nms_threshold).tolist():
+                detections.append((float(class_scores[index]), label + 1, class_boxes[index].tolist()))
+        results.append(sorted(detections, key=lambda d: -d[0])[:keep])
+    return results
+
+
+def test_batched_postprocess_equals_a_per_image_reference() -> None:
     torch.manual_seed(0)
     model = ssdlite_mobilenetv2(num_classes=6, width_mult=0.35, detections_per_image=20, topk_candidates=50).eval()
     head = model.head
@@ -31,18 +53,23 @@ def test_batched_postprocess_equals_the_heads_per_image_loop() -> None:
         "bbox_regression": torch.randn(3, 2034, 4),
         "anchors": model(torch.zeros(1, 3, 320, 320))["anchors"],
     }
-    expected = head.postprocess(outputs, [(320, 320)] * 3)
     boxes = decode_boxes(outputs["bbox_regression"], outputs["anchors"], head.box_coder_weights).clamp(0, 1) * 320
+    scores = head.scores(outputs["cls_logits"])
+    expected = reference_detections(scores, boxes, score_threshold=0.001, nms_threshold=0.55, topk=50, keep=20)
     got = batched_detections(
-        head.scores(outputs["cls_logits"]), boxes, score_threshold=head.score_threshold,
-        nms_threshold=head.nms_threshold, topk_candidates=50, detections_per_image=20,
-    )  # fmt: skip
-    for index, detection in enumerate(expected):
+        scores, boxes, score_threshold=0.001, nms_threshold=0.55, topk_candidates=50, detections_per_image=20
+    )
+    from_head = head.postprocess(outputs, [(320, 320)] * 3)
+    for index, reference in enumerate(expected):
         mine = got[3] == index
-        assert int(mine.sum()) == len(detection["scores"]) == 20
-        assert torch.equal(got[2][mine], detection["labels"])
-        assert torch.allclose(got[1][mine], detection["scores"])
-        assert torch.allclose(got[0][mine], detection["boxes"], atol=1e-4)
+        assert int(mine.sum()) == len(reference) == len(from_head[index]["scores"]) > 10
+        for result in (
+            (got[0][mine], got[1][mine], got[2][mine]),
+            (from_head[index]["boxes"], from_head[index]["scores"], from_head[index]["labels"]),
+        ):
+            assert result[2].tolist() == [label for _, label, _ in reference]
+            torch.testing.assert_close(result[1], torch.tensor([score for score, _, _ in reference]))
+            torch.testing.assert_close(result[0], torch.tensor([box for _, _, box in reference]), atol=1e-4, rtol=0)
 
 
 def test_exported_detector_matches_eager_with_dynamic_batch(tmp_path: Path) -> None:
@@ -97,3 +124,25 @@ def test_export_tool_on_checkpoints(
         assert ("detections_matched" if name == "det" else "labels_mismatch") in result.stdout
     task = load_task(detection_checkpoint)
     assert task.image_size == 128
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_fused_model_gives_the_same_outputs_without_batchnorm(task: str) -> None:
+    torch.manual_seed(0)
+    if task == "detection":
+        model, size = ssdlite_mobilenetv2(num_classes=4, width_mult=0.5), 160
+    else:
+        model, size = deeplabv3_mobilenetv2(num_classes=5, width_mult=0.5, aux_loss=True), 129
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics for the folding to get right
+        for _ in range(3):
+            model(torch.randn(4, 3, size, size) * 2 + 0.5)
+    model.eval()
+    fused = deploy.fuse_conv_bn(model)
+    assert model.training is False and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = model(images), fused(images)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ Sections:
           process so memory and caches do not leak between them. Detection latency includes
           post-processing (score threshold, top-k, NMS) on both sides.
   train   images per second of a full training step (data loading, forward, loss, backward,
-          optimiser) on the synthetic data, for both tasks.
+          optimiser) with the synthetic configs (model, sizes, batch, workers) on synthetic data.
   data    images per second of the training data pipeline alone (decode + augment + collate).
   eval    COCO evaluation of 5,000 images x 100 detections with each backend; mIoU
           accumulation over 1,000 masks of 513x513.
@@ -21,6 +21,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
@@ -55,11 +57,10 @@ def build_model(name: str) -> tuple[torch.nn.Module, int, Callable[[torch.nn.Mod
         return model(images)
 
     if name == "ours_ssdlite_mobilenetv2":
-        # Same post-processing settings as torchvision's SSDLite: score 0.001, 300 candidates
-        # per class before NMS at 0.55, 300 detections kept.
-        model = ssdlite_mobilenetv2(
-            num_classes=91, score_threshold=0.001, topk_candidates=300, detections_per_image=300
-        )
+        # Score threshold 0.001, NMS at 0.55 and 300 detections kept, as torchvision's SSDLite;
+        # the 1000 best (anchor, class) candidates of an image go into NMS (torchvision: the
+        # 300 best of every class, 27,000 at 90 classes).
+        model = ssdlite_mobilenetv2(num_classes=91, score_threshold=0.001, detections_per_image=300)
         return model.eval(), 320, lambda m, x: m.detect(x)
     if name == "tv_ssdlite320_mobilenet_v3_large":
         return tvdet.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), 320, forward
@@ -122,17 +123,23 @@ def onnx_runner(model: torch.nn.Module, name: str, size: int, folder: Path, thre
 
 def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool) -> dict[str, Any]:
     """Measure one model in this process (call through ``--model`` for a fresh process)."""
+    from tasks.deploy import fuse_conv_bn
     from tools.summary import count
 
     torch.set_num_threads(threads)
     model, size, call = build_model(name)
     counts = count(_RawOutputs(model) if name.startswith("tv_ssdlite") else model, size)
+    if name.startswith("ours_"):  # run as tools/predict.py runs them: BatchNorm folded into the convs
+        model = fuse_conv_bn(model)
     result: dict[str, Any] = {"model": name, "input": size, "params": counts["params"], "madds": counts["madds"]}
     one, eight = torch.randn(1, 3, size, size), torch.randn(8, 3, size, size)
     folder = tempfile.TemporaryDirectory()
     # Export before any eager run: cached anchors made under inference_mode cannot be traced.
     run_onnx = onnx_runner(model, name, size, Path(folder.name), threads) if use_onnx and not name.startswith("tv_ssdlite") else None
     with torch.inference_mode():
+        if name.endswith("ssdlite_mobilenetv2") or name.startswith("tv_ssdlite"):  # network alone
+            network = _RawOutputs(model)
+            result["network_b1"] = latency_stats(timed_runs(lambda: network(one), runs, warmup), 1)
         result["eager_b1"] = latency_stats(timed_runs(lambda: call(model, one), runs, warmup), 1)
         result["eager_b8"] = latency_stats(timed_runs(lambda: call(model, eight), max(3, runs // 4), 1), 8)
     if use_compile:
@@ -195,24 +202,32 @@ def synthetic_root(folder: Path) -> Path:
     return folder
 
 
-def task_and_data(task: str, root: Path, batch_size: int, workers: int) -> tuple[Any, Any]:
-    """The synthetic configs' model and data, at their training sizes."""
-    if task == "detection":
-        from tasks.data.coco import COCODetectionDataModule
-        from tasks.detection import SSDLiteDetection
-
-        data = COCODetectionDataModule(root=str(root / "coco"), image_size=320, batch_size=batch_size, num_workers=workers)
-        return SSDLiteDetection(num_classes=6, image_size=320, warmup_steps=10, lr=0.05), data
-    from tasks.data.voc import VOCSegmentationDataModule
-    from tasks.segmentation import DeepLabV3Segmentation
-
-    data = VOCSegmentationDataModule(
-        root=str(root / "voc"), crop_size=321, batch_size=batch_size, num_workers=workers, train_split="train"
-    )
-    return DeepLabV3Segmentation(num_classes=21, freeze_bn=False, max_steps=1000), data
+SYNTHETIC_CONFIGS = {
+    "detection": ROOT / "configs" / "ssdlite_mobilenetv2_synthetic.yaml",
+    "segmentation": ROOT / "configs" / "deeplabv3_mobilenetv2_synthetic.yaml",
+}
 
 
-def bench_data(task: str, root: Path, batch_size: int, workers: int, steps: int) -> dict[str, Any]:
+def instantiate(spec: dict[str, Any], **overrides: Any) -> Any:
+    """Build a config's ``class_path`` / ``init_args`` entry, as LightningCLI does for plain values."""
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**{**spec.get("init_args", {}), **overrides})
+
+
+def task_and_data(task: str, root: Path, batch_size: int | None, workers: int | None) -> tuple[Any, Any]:
+    """The synthetic config's model and data module (its sizes, batch and workers unless given)."""
+    config = yaml.safe_load(SYNTHETIC_CONFIGS[task].read_text())
+    overrides: dict[str, Any] = {"root": str(root / ("coco" if task == "detection" else "voc"))}
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if workers is not None:
+        overrides["num_workers"] = workers
+    data = instantiate(config["data"], **overrides)
+    return instantiate(config["model"]), data
+
+
+def bench_data(task: str, root: Path, batch_size: int | None, workers: int | None, steps: int) -> dict[str, Any]:
     """Images per second of the training DataLoader alone (after its first batch)."""
     _, data = task_and_data(task, root, batch_size, workers)
     data.setup("fit")
@@ -226,10 +241,11 @@ def bench_data(task: str, root: Path, batch_size: int, workers: int, steps: int)
             loader = iter(data.train_dataloader())
             batch = next(loader)
         images += batch["images"].shape[0]
-    return {"task": task, "workers": workers, "batch": batch_size, "images_per_s": images / (time.perf_counter() - start)}
+    elapsed = time.perf_counter() - start
+    return {"task": task, "workers": data.hparams.num_workers, "batch": data.hparams.batch_size, "images_per_s": images / elapsed}
 
 
-def bench_train(task: str, root: Path, batch_size: int, workers: int, steps: int) -> dict[str, Any]:
+def bench_train(task: str, root: Path, batch_size: int | None, workers: int | None, steps: int) -> dict[str, Any]:
     """Images per second of full Lightning training steps, data loading included."""
     from lightning.pytorch import Callback, Trainer
 
@@ -248,7 +264,8 @@ def bench_train(task: str, root: Path, batch_size: int, workers: int, steps: int
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
     elapsed = timer.times[-1] - timer.times[1]  # the first two steps warm up
-    return {"task": task, "workers": workers, "batch": batch_size, "images_per_s": batch_size * (len(timer.times) - 2) / elapsed}
+    images = data.hparams.batch_size * (len(timer.times) - 2)
+    return {"task": task, "workers": data.hparams.num_workers, "batch": data.hparams.batch_size, "images_per_s": images / elapsed}
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -308,12 +325,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"Machine: {report['machine']}; {report['threads']} threads.", ""]
     if report.get("models"):
         backends = [b for b in ("eager", "compile", "onnx") if any(f"{b}_b1" in r for r in report["models"])]
-        header = "| model | input | params | mult-adds | " + " | ".join(
+        header = "| model | input | params | mult-adds | network alone b1 ms | " + " | ".join(
             f"{b} b1 ms (IQR) | {b} b8 img/s" for b in backends
         ) + " | peak RSS MB |"
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         for r in report["models"]:
             cells = [r["model"], str(r["input"]), f"{r['params'] / 1e6:.2f}M", f"{r['madds'] / 1e9:.2f}B"]
+            cells.append(f"{r['network_b1']['median_ms']:.1f}" if "network_b1" in r else "-")
             for b in backends:
                 b1, b8 = r.get(f"{b}_b1"), r.get(f"{b}_b8")
                 cells.append("-" if not b1 or "error" in b1 else f"{b1['median_ms']:.1f} ({b1['q25_ms']:.1f}-{b1['q75_ms']:.1f})")
@@ -344,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
     parser.add_argument("--steps", type=int, default=20, help="steps for the train and data sections")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch for the train and data sections")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for train and data")
+    parser.add_argument("--batch-size", type=int, help="batch for train and data (default: the synthetic configs')")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for train and data (default: the configs')")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "benchmark", help="synthetic data folder")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "benchmark.json", help="where to write JSON")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
