@@ -279,9 +279,12 @@ def match_anchors(
         matches = torch.where(best_iou >= iou_threshold, best_gt, matches)
         if force_match:
             best_anchor_iou, best_anchor = iou.max(dim=1)  # [G]
-            # A box that overlaps no anchor at all (degenerate) cannot be forced onto one.
-            valid = best_anchor_iou > 0
-            matches[best_anchor[valid]] = torch.arange(gt_boxes.shape[0], device=anchors.device)[valid]
+            # A box that overlaps no anchor at all (degenerate) cannot be forced onto one: it is
+            # written into a spare slot past the end (no boolean indexing: no host sync on a GPU).
+            target = torch.where(best_anchor_iou > 0, best_anchor, num_anchors)
+            spare = torch.cat([matches, matches.new_full((1,), BACKGROUND)])
+            spare[target] = torch.arange(gt_boxes.shape[0], device=anchors.device)
+            matches = spare[:num_anchors]
     if crowd_boxes is not None and crowd_boxes.numel() > 0:
         ioa = intersection_over_area(anchors, crowd_boxes).amax(dim=1)  # [A]
         matches = torch.where((matches == BACKGROUND) & (ioa >= crowd_ioa_threshold), IGNORE, matches)

@@ -302,10 +302,11 @@ class SSDLiteHead(nn.Module):
         num_positive = positive.sum()
         normaliser = num_positive.clamp(min=1).to(cls_logits.dtype)
 
-        box_targets = encode_boxes(
-            gt_boxes[positive], anchors.expand_as(gt_boxes)[positive], self.box_coder_weights
-        )
-        loss_box = F.smooth_l1_loss(deltas[positive], box_targets, beta=1.0, reduction="sum") / normaliser
+        # Every anchor is encoded and the unmatched ones masked out, rather than selecting the
+        # positives by boolean indexing: the same sum without a host-device sync on a GPU.
+        box_targets = encode_boxes(gt_boxes, anchors.expand_as(gt_boxes), self.box_coder_weights)
+        per_anchor_box = F.smooth_l1_loss(deltas, box_targets, beta=1.0, reduction="none").sum(dim=-1)
+        loss_box = per_anchor_box.masked_fill(~positive, 0.0).sum() / normaliser
 
         if self.loss_type == "focal":
             one_hot = F.one_hot(labels, self.num_classes)[..., 1:].to(cls_logits.dtype)

@@ -151,4 +151,7 @@ def test_matching_threshold_force_match_empty_and_crowd() -> None:
     crowd = torch.tensor([[0.5, 0.0, 0.7, 0.2]])
     assert match_anchors(gt, anchors, crowd_boxes=crowd).tolist() == [0, 0, 1, BACKGROUND, IGNORE]
     assert match_anchors(torch.zeros(0, 4), anchors).tolist() == [BACKGROUND] * 5
+    # A box that overlaps no anchor cannot be forced onto one (its best "anchor" would be index 0).
+    away = torch.cat([torch.tensor([[2.0, 2.0, 2.1, 2.1]]), gt])
+    assert match_anchors(away, anchors).tolist() == [1, 1, 2, BACKGROUND, BACKGROUND]
     assert match_anchors(torch.zeros(0, 4), anchors, crowd_boxes=crowd).tolist() == [-1, -1, -1, -1, IGNORE]
