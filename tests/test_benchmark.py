@@ -52,3 +52,18 @@ def test_report_is_a_markdown_table_per_section() -> None:
     assert "| detection | training step (data included) | 16 | 1 | 12.5 |" in lines
     assert "| detection | data pipeline alone | 16 | 1 | 80.0 |" in lines
     assert "| COCO eval | 6.50 |" in lines
+
+
+def test_convergence_section_trains_through_the_cli_and_reports_the_curve(synthetic_coco: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY
+
+    tiny = [*TINY, "--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
+            "--data.persistent_workers", "false", "--trainer.max_steps", "4"]  # fmt: skip
+    config = benchmark.SYNTHETIC_CONFIGS["detection"]
+    run = benchmark.bench_convergence(config, synthetic_coco, tmp_path, tiny)
+    assert [point["step"] for point in run["curve"]] == [2, 4]  # validation every 2 steps (TINY)
+    assert all(0.0 <= point["AP"] <= 1.0 and 0.0 <= point["AP50"] <= 1.0 for point in run["curve"])
+    assert run["config"] == "configs/ssdlite_mobilenetv2_synthetic.yaml" and run["seconds"] > 0
+    lines = benchmark.format_report({"machine": "m", "threads": 1, "convergence": run}).splitlines()
+    assert "| step | AP | AP50 | AP75 |" in lines
+    assert lines[-1].startswith("| 4 | ")

@@ -4,6 +4,7 @@
     python tools/benchmark.py --only models --runs 50 --onnx
     python tools/benchmark.py --only train,data --steps 20
     python tools/benchmark.py --only eval
+    python tools/benchmark.py --only convergence    # ~10 minutes: SSDLite from scratch, 400 steps
 
 Sections:
   models  parameters, multiply-adds, median latency at batch 1 (with the spread: 25th-75th
@@ -16,11 +17,15 @@ Sections:
   data    images per second of the training data pipeline alone (decode + augment + collate).
   eval    COCO evaluation of 5,000 images x 100 detections with each backend; mIoU
           accumulation over 1,000 masks of 513x513.
+  convergence (only when asked for) trains a synthetic config from scratch through
+          tools/train.py (default: configs/ssdlite_mobilenetv2_synthetic.yaml, 400 steps) and
+          prints its validation curve, with the wall-clock time.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import os
@@ -41,7 +46,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-SECTIONS = ("models", "train", "data", "eval")
+SECTIONS = ("models", "train", "data", "eval")  # the default run
+ON_REQUEST = ("convergence",)
+CURVE_KEYS = {"val/AP": "AP", "val/AP50": "AP50", "val/AP75": "AP75", "val/mIoU": "mIoU"}
 
 
 # ----------------------------------------------------------------------------------- models
@@ -307,6 +314,33 @@ def bench_eval(num_images: int = 5000, detections_per_image: int = 100, masks: i
     return rows
 
 
+# ------------------------------------------------------------------------------ convergence
+def bench_convergence(
+    config: Path, data_root: Path | None, out: Path, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Train ``config`` from scratch through the real CLI and read its validation curve back.
+
+    ``extra`` are more command-line options for ``tools/train.py fit`` (the tests shrink the run).
+    """
+    command = [
+        sys.executable, str(ROOT / "tools" / "train.py"), "fit", "--config", str(config),
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        *(["--data.root", str(data_root)] if data_root else []), *extra,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - start
+    metrics = max(out.glob("*/version_*/metrics.csv"), key=lambda path: path.stat().st_mtime)
+    with metrics.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    curve = [
+        {"step": int(row["step"]) + 1, **{name: float(row[key]) for key, name in CURVE_KEYS.items() if row.get(key)}}
+        for row in rows
+        if any(row.get(key) for key in CURVE_KEYS)
+    ]  # Lightning logs validation at the index of the last step; +1 = optimiser steps taken
+    return {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config), "seconds": seconds, "curve": curve}
+
+
 # ------------------------------------------------------------------------------------ report
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -350,12 +384,21 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("eval"):
         lines += ["| evaluation | seconds |", "|---|---|"]
         lines += [f"| {r['what']} | {r['seconds']:.2f} |" for r in report["eval"]]
+        lines.append("")
+    if report.get("convergence"):
+        run = report["convergence"]
+        names = [n for n in CURVE_KEYS.values() if any(n in point for point in run["curve"])]
+        lines += [f"{run['config']} from scratch, {run['seconds'] / 60:.1f} min:", ""]
+        lines += ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {p['step']} | " + " | ".join(f"{p[n]:.3f}" for n in names) + " |" for p in run["curve"]]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS + ON_REQUEST)}"
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch / ORT threads")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per latency measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
@@ -366,15 +409,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, help="DataLoader workers for train and data (default: the configs')")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "benchmark", help="synthetic data folder")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "benchmark.json", help="where to write JSON")
+    parser.add_argument(
+        "--convergence-config", type=Path, default=SYNTHETIC_CONFIGS["detection"], help="config the convergence section trains"
+    )
+    parser.add_argument("--convergence-data", type=Path, help="its --data.root (default: the config's)")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args(argv)
     if args.model:
         print(json.dumps(bench_model(args.model, args.runs, args.warmup, args.threads, args.compile, args.onnx)))
         return {}
     sections = [s for s in args.only.split(",") if s]
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS + ON_REQUEST)
     if unknown:
-        parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+        parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS + ON_REQUEST)}")
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"machine": machine(), "threads": args.threads}
     if "models" in sections:
@@ -389,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "eval" in sections:
         print("eval:", flush=True)
         report["eval"] = bench_eval()
+    if "convergence" in sections:
+        print(f"convergence: training {args.convergence_config} ...", flush=True)
+        out = ROOT / "runs" / "benchmark_convergence"
+        report["convergence"] = bench_convergence(args.convergence_config, args.convergence_data, out)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(format_report(report))
