@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small on purpose: enough images for every case the generator schedules (objects of all COCO size
 # ranges, an image without objects and a crowd region in each split) and still fast.
-SYNTHETIC_COCO = {"num_train": 24, "num_val": 8, "seed": 0, "min_size": 160, "max_size": 256}
+SYNTHETIC_COCO = {"num_train": 24, "num_val": 10, "seed": 0, "min_size": 160, "max_size": 256}
 SYNTHETIC_VOC = {"num_train": 16, "num_val": 8, "seed": 0, "min_size": 160, "max_size": 256}
 
 

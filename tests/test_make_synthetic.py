@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from tests.conftest import SYNTHETIC_COCO
 from tools.make_synthetic import (
     COCO_CATEGORY_IDS,
     VOC_CLASSES,
@@ -50,7 +51,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_coco_loads_in_pycocotools_without_warnings(synthetic_coco: Path, split: str) -> None:
     coco = _coco(synthetic_coco, split)
-    assert len(coco.getImgIds()) == {"train": 24, "val": 8}[split]
+    assert len(coco.getImgIds()) == SYNTHETIC_COCO[f"num_{split}"]
     assert coco.getAnnIds(), "no annotations at all"
     assert sorted(coco.getCatIds()) == sorted(COCO_CATEGORY_IDS.values())
 

@@ -1,8 +1,8 @@
 """Write small synthetic datasets in the real COCO 2017 and PASCAL VOC 2012 layouts.
 
-Five classes that differ only by shape, with random colour, size, rotation, occlusion and
-background; a few images without objects and a few crowd regions (the generator itself is
-``tasks/data/synthetic.py``).
+Five shape classes with random size, rotation, occlusion and background (random colour in the VOC
+set, a typical hue per class in the calmer COCO set); a few images without objects and a few crowd
+regions (the generator itself is ``tasks/data/synthetic.py``).
 
     python tools/make_synthetic.py --out data/synthetic                  # DIR/coco and DIR/voc
     python tools/make_synthetic.py --out data/synthetic --format coco --num-train 100 --seed 1
