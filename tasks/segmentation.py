@@ -187,6 +187,9 @@ class DeepLabV3Segmentation(LightningModule):
         eval_scales: input scales averaged at validation / test time (``[1.0]``: single scale).
         eval_flip: also average left-right flipped inputs at validation / test time. Neither is
             stored in checkpoints: pass them again when loading one.
+        channels_last: keep the network's weights, and so its activations, in channels-last
+            memory format: the same numbers, faster training and inference on CPUs (oneDNN's
+            depthwise convolutions) and tensor-core friendly on GPUs.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class DeepLabV3Segmentation(LightningModule):
         bn_momentum: float | None = None,
         eval_scales: list[float] = [1.0],  # noqa: B006 - LightningCLI shows the default
         eval_flip: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         # Evaluation choices are not hyperparameters of the trained model: kept out of the
@@ -235,6 +239,8 @@ class DeepLabV3Segmentation(LightningModule):
             aux_weight=aux_weight,
             ignore_index=ignore_index,
         )
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if bn_momentum is not None:
             for module in self.model.modules():
                 if isinstance(module, _BatchNorm):

@@ -139,10 +139,16 @@ def test_fused_model_gives_the_same_outputs_without_batchnorm(task: str) -> None
             model(torch.randn(4, 3, size, size) * 2 + 0.5)
     model.eval()
     fused = deploy.fuse_conv_bn(model)
+    optimized = deploy.optimize_for_inference(model)
     assert model.training is False and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for copy in (fused, optimized):
+        assert not [m for m in copy.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in optimized.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        expected, got = model(images), fused(images)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+        expected = model(images)
+        for copy in (fused, optimized):
+            got = copy(images)
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)

@@ -130,14 +130,14 @@ def onnx_runner(model: torch.nn.Module, name: str, size: int, folder: Path, thre
 
 def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool) -> dict[str, Any]:
     """Measure one model in this process (call through ``--model`` for a fresh process)."""
-    from tasks.deploy import fuse_conv_bn
+    from tasks.deploy import optimize_for_inference
     from tools.summary import count
 
     torch.set_num_threads(threads)
     model, size, call = build_model(name)
     counts = count(_RawOutputs(model) if name.startswith("tv_ssdlite") else model, size)
-    if name.startswith("ours_"):  # run as tools/predict.py runs them: BatchNorm folded into the convs
-        model = fuse_conv_bn(model)
+    if name.startswith("ours_"):  # run as tools/predict.py runs them: BatchNorm folded, channels-last
+        model = optimize_for_inference(model)
     result: dict[str, Any] = {"model": name, "input": size, "params": counts["params"], "madds": counts["madds"]}
     one, eight = torch.randn(1, 3, size, size), torch.randn(8, 3, size, size)
     folder = tempfile.TemporaryDirectory()

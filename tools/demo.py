@@ -6,7 +6,7 @@
 3. evaluates each checkpoint on its validation split (``tools/test.py``: COCO mAP, VOC mIoU);
 4. draws predictions on validation images (``tools/predict.py``).
 
-    python tools/demo.py --out runs/demo [--detection-steps 60] [--segmentation-steps 100]
+    python tools/demo.py --out runs/demo [--detection-steps 120] [--segmentation-steps 600]
 
 Short runs show the pipeline working, not the final accuracy: the configs' full schedules
 (``python tools/train.py fit --config configs/..._synthetic.yaml``) reach AP > 0.5 / mIoU > 0.7.
@@ -53,8 +53,8 @@ def train_briefly(config: str, data_root: Path, out: Path, steps: int, val_every
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="everything goes here")
-    parser.add_argument("--detection-steps", type=int, default=60, help="SSDLite optimiser steps (batch 16)")
-    parser.add_argument("--segmentation-steps", type=int, default=100, help="DeepLabv3 optimiser steps (batch 8)")
+    parser.add_argument("--detection-steps", type=int, default=120, help="SSDLite optimiser steps (batch 16)")
+    parser.add_argument("--segmentation-steps", type=int, default=600, help="DeepLabv3 optimiser steps (batch 8)")
     parser.add_argument("--pictures", type=int, default=8, help="validation images to draw per task")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tasks.deploy import DETECTION_OUTPUTS, ExportableDetector, ExportableSegmenter, fuse_conv_bn  # noqa: E402
+from tasks.deploy import DETECTION_OUTPUTS, ExportableDetector, ExportableSegmenter, optimize_for_inference  # noqa: E402
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools.benchmark import timed_runs  # noqa: E402
@@ -142,10 +142,10 @@ def build(task: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.nn.Mod
     """(the wrapper to export, an example batch, whether height/width are dynamic)."""
     if isinstance(task, SSDLiteDetection):
         size = args.input_size or task.image_size
-        module: torch.nn.Module = ExportableDetector(fuse_conv_bn(task.model), postprocess=not args.raw)
+        module: torch.nn.Module = ExportableDetector(optimize_for_inference(task.model), postprocess=not args.raw)
         return module.eval(), torch.randn(2, 3, size, size), False
     size = args.input_size or 513
-    module = ExportableSegmenter(fuse_conv_bn(task.model), output=args.output)
+    module = ExportableSegmenter(optimize_for_inference(task.model), output=args.output)
     return module.eval(), torch.randn(2, 3, size, size), True
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tasks.data.detection_transforms import normalize_images  # noqa: E402
 from tasks.data.voc import VOC_CLASSES  # noqa: E402
-from tasks.deploy import fuse_conv_bn  # noqa: E402
+from tasks.deploy import optimize_for_inference  # noqa: E402
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools.checkpoints import load_task  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     try:
         task = load_task(args.checkpoint, (SSDLiteDetection, DeepLabV3Segmentation))
-        task.model = fuse_conv_bn(task.model)  # inference only: BatchNorm folded into the convs
+        task.model = optimize_for_inference(task.model)  # BatchNorm folded, channels-last
         paths = image_paths(args.inputs)[: args.limit]
         args.out.mkdir(parents=True, exist_ok=True)
         written, pictures = [], []
