@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 from backbones.base import FeatureSpec
 from backbones.mobilenetv2 import ConvBNAct
@@ -361,13 +361,32 @@ class SSDLiteHead(nn.Module):
             ``scores`` (FloatTensor[D], descending) and ``labels`` (Int64Tensor[D] in
             ``1..num_classes-1``), D <= ``detections_per_image``.
         """
+        device = outputs["cls_logits"].device
+        sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)
+        det_boxes, det_scores, det_labels, det_images = self.detections(outputs, sizes)
+        counts = torch.bincount(det_images, minlength=len(sizes)).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": l}
+            for b, s, l in zip(det_boxes.split(counts), det_scores.split(counts), det_labels.split(counts))
+        ]
+
+    def detections(self, outputs: Mapping[str, Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`postprocess` for the whole batch as flat tensors, loop-free (what exports run).
+
+        Args:
+            outputs: :meth:`forward`'s dict.
+            image_sizes: Tensor[N, 2] ``(height, width)`` each image's boxes are wanted in.
+
+        Returns:
+            ``boxes`` [D, 4] absolute xyxy, ``scores`` [D], ``labels`` [D] and ``batch_index`` [D],
+            as :func:`heads.detection_postprocess.batched_detections`.
+        """
         scores = self.scores(outputs["cls_logits"].float())
         boxes = decode_boxes(
             outputs["bbox_regression"].float(), outputs["anchors"].float(), self.box_coder_weights
         ).clamp(0.0, 1.0)
-        sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(-1, 2)
-        boxes = boxes * sizes[:, [1, 0, 1, 0]].unsqueeze(1)  # normalised -> pixels of each image
-        det_boxes, det_scores, det_labels, det_images = batched_detections(
+        boxes = boxes * image_sizes.to(boxes)[:, [1, 0, 1, 0]].unsqueeze(1)  # normalised -> pixels
+        return batched_detections(
             scores,
             boxes,
             score_threshold=self.score_threshold,
@@ -375,11 +394,6 @@ class SSDLiteHead(nn.Module):
             topk_candidates=self.topk_candidates,
             detections_per_image=self.detections_per_image,
         )
-        counts = torch.bincount(det_images, minlength=len(sizes)).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(det_boxes.split(counts), det_scores.split(counts), det_labels.split(counts))
-        ]
 
 
 def _flatten_predictions(x: Tensor, values_per_box: int) -> Tensor:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tasks.data.sampling import derived_seed
+from tasks.data.sampling import derived_seed, global_seed
 
 
 class SeedEveryEpoch(Callback):
@@ -32,14 +31,8 @@ class SeedEveryEpoch(Callback):
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
 
-    def _base_seed(self) -> int | None:
-        if self.seed is not None:
-            return int(self.seed)
-        value = os.environ.get("PL_GLOBAL_SEED")
-        return int(value) if value is not None and value.lstrip("-").isdigit() else None
-
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        base = self._base_seed()
+        base = int(self.seed) if self.seed is not None else global_seed(default=None)
         if base is None:
             return
         seed = derived_seed(base, trainer.current_epoch, trainer.global_rank)

@@ -23,8 +23,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from heads.anchors import decode_boxes
-from heads.detection_postprocess import batched_detections
 from tasks.detection import SSDLite
 from tasks.segmentation import Segmenter
 
@@ -50,18 +48,8 @@ class ExportableDetector(nn.Module):
         outputs = self.model(images)
         if not self.postprocess:
             return tuple(outputs[name] for name in RAW_DETECTION_OUTPUTS)
-        head = self.model.head
-        height, width = images.shape[-2:]
-        scale = images.new_tensor([width, height, width, height])
-        boxes = decode_boxes(outputs["bbox_regression"], outputs["anchors"], head.box_coder_weights)
-        return batched_detections(
-            head.scores(outputs["cls_logits"]),
-            boxes.clamp(0.0, 1.0) * scale,
-            score_threshold=head.score_threshold,
-            nms_threshold=head.nms_threshold,
-            topk_candidates=head.topk_candidates,
-            detections_per_image=head.detections_per_image,
-        )
+        sizes = images.new_tensor(images.shape[-2:]).expand(images.shape[0], 2)  # boxes in input pixels
+        return self.model.head.detections(outputs, sizes)
 
 
 class ExportableSegmenter(nn.Module):

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tasks.data.coco import COCODetectionDataModule
 from tasks.data.files import MissingFileError, UnreadableSampleError, read_rgb
-from tasks.data.voc import VOCSegmentation, VOCSegmentationDataModule
+from tasks.data.voc import VOCSegmentation
 from tasks.segmentation import DeepLabV3Segmentation
 from tools.checkpoints import check_compatible
 from tools.train import main

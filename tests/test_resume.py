@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoint_io import AtomicCheckpointIO, atomic_save
+from tasks.checkpoint_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deeplabv3_mobilenetv2_synthetic.yaml"

@@ -79,10 +79,14 @@ def check_task(path: str | Path, class_path: str) -> None:
         ValueError: naming both classes, e.g. a segmentation checkpoint for a detection config.
     """
     hyper_parameters, _ = read_hyper_parameters(path)
+    _refuse_other_task(path, hyper_parameters, recorded_class(path, {"_class_path": class_path}))
+
+
+def _refuse_other_task(path: str | Path, hyper_parameters: dict, configured: type) -> None:
+    """The task check of :func:`check_task` and :func:`check_compatible`."""
     if not hyper_parameters.get("_class_path"):
         return  # not written through tools/train.py: the shape check decides
     recorded = recorded_class(path, hyper_parameters)
-    configured = recorded_class(path, {"_class_path": class_path})
     if not (issubclass(recorded, configured) or issubclass(configured, recorded)):
         raise ValueError(
             f"{path}: checkpoint of a {recorded.__name__}, but the config trains a {configured.__name__}; "
@@ -99,14 +103,7 @@ def check_compatible(path: str | Path, model: LightningModule) -> None:
             lists the hyper-parameters that differ between the checkpoint and the config.
     """
     hyper_parameters, shapes = read_hyper_parameters(path)
-    recorded = hyper_parameters.get("_class_path")
-    if recorded:
-        cls = recorded_class(path, hyper_parameters)
-        if not isinstance(model, cls) and not issubclass(cls, type(model)):
-            raise ValueError(
-                f"{path}: checkpoint of a {cls.__name__}, but the config trains a {type(model).__name__}; "
-                f"pass a {type(model).__name__} checkpoint, or the config of the run that wrote this one"
-            )
+    _refuse_other_task(path, hyper_parameters, type(model))
     expected = {key: value.shape for key, value in model.state_dict().items()}
     if not shapes or shapes == expected:
         return

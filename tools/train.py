@@ -65,7 +65,7 @@ class CLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             self._resolve_last(config)
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        if not is_checkpoint_file(ckpt_path):
             return
         model = config.get("model")
         class_path = model.get("class_path") if hasattr(model, "get") else None
@@ -98,9 +98,8 @@ class CLI(LightningCLI):
 
     def _check_checkpoint(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
-            return
-        check_compatible(ckpt_path, self.model)
+        if is_checkpoint_file(ckpt_path):
+            check_compatible(ckpt_path, self.model)
 
     def before_fit(self) -> None:
         self._check_checkpoint()
@@ -113,6 +112,11 @@ class CLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint()
+
+
+def is_checkpoint_file(ckpt_path: Any) -> bool:
+    """Whether ``--ckpt_path`` names a local file (not Lightning's "last", "best"... or a URL)."""
+    return ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path)
 
 
 def checkpoint_folders(trainer: Any) -> list[Path]:

@@ -52,23 +52,8 @@ from tasks.data.detection_transforms import (
     detection_train_transform,
     normalize_images,
 )
-from tasks.data.files import (
-    MissingFileError,
-    UnreadableSampleError,
-    describe_missing,
-    missing_files,
-    read_rgb,
-)
-from tasks.data.sampling import (
-    SKIPPED_KEY,
-    SampleSeeds,
-    SkipCounter,
-    collate_skipped,
-    epoch_sampler,
-    sampler_epoch_state,
-    global_seed,
-    load_skipping,
-)
+from tasks.data.files import UnreadableSampleError, check_listed_files, read_rgb
+from tasks.data.sampling import ResumableTrainingData, SampleSeeds, attach_skipped, global_seed, load_skipping
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +139,10 @@ class COCODetection(Dataset):
 
     def _check_files(self) -> None:
         """Fail now (or, skipping, leave them out) when listed images are missing: not hours in."""
-        missing = missing_files(self.image_dir, [r["file_name"] for r in self.records])
-        if not missing:
-            return
-        message = describe_missing(self.image_dir, missing, len(self.records), Path(self.source))
-        if not self.skip_unreadable:
-            raise MissingFileError(f"{message}; set data.skip_unreadable true to train without them")
-        logger.warning("%s; left out (data.skip_unreadable is on)", message)
-        gone = set(missing)
-        self.records = [r for r in self.records if r["file_name"] not in gone]
+        names = [r["file_name"] for r in self.records]
+        gone = set(check_listed_files(self.image_dir, names, Path(self.source), skip=self.skip_unreadable))
+        if gone:
+            self.records = [r for r in self.records if r["file_name"] not in gone]
 
     def _record(
         self,
@@ -277,13 +257,10 @@ def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
     }
-    skipped = collate_skipped(samples)
-    if skipped:  # only when skip_unreadable replaced something; the DataModule removes it again
-        batch[SKIPPED_KEY] = skipped
-    return batch
+    return attach_skipped(batch, samples)
 
 
-class COCODetectionDataModule(LightningDataModule):
+class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
     """COCO (or any dataset in its layout) for SSD-style detection training and evaluation.
 
     Args:
@@ -360,8 +337,7 @@ class COCODetectionDataModule(LightningDataModule):
         self.min_box_size = min_box_size
         self.synthetic = synthetic
         self.skip_unreadable = skip_unreadable
-        self.skipped = SkipCounter()
-        self._start_epoch = 0  # the training sampler's first epoch (after a resume: see state_dict)
+        self._init_resumable()
         self.augmentation = {
             "photometric_p": photometric_p,
             "zoom_out_p": zoom_out_p,
@@ -480,7 +456,7 @@ class COCODetectionDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=epoch_sampler(dataset, self.trainer, epoch=self._start_epoch) if train else None,
+            sampler=self.train_sampler(dataset) if train else None,
             # Equal batches keep BatchNorm statistics sane, unless that would leave no batch.
             drop_last=train and len(dataset) >= batch_size,
             num_workers=workers,
@@ -502,17 +478,6 @@ class COCODetectionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch the training sampler resumes at."""
-        return sampler_epoch_state(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count (and remove) the training set's skip messages, in the main process."""
-        return self.skipped.take(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 images once they are on the device (4x fewer bytes to move)."""

@@ -10,12 +10,15 @@ configuration error and always stops the run at ``setup``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 # PIL modes of 16-/32-bit single-channel images: scaled to 8 bits rather than clipped.
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -113,7 +116,22 @@ def missing_files(folder: Path, names: Iterable[str]) -> list[str]:
     return missing
 
 
-def describe_missing(folder: Path, missing: list[str], total: int, source: Path) -> str:
-    """One line: how many of ``source``'s files are missing from ``folder``, with examples."""
+def check_listed_files(folder: Path, names: list[str], source: Path, *, skip: bool) -> list[str]:
+    """The ``names`` that ``source`` lists but ``folder`` lacks: an error unless ``skip``.
+
+    Called when a dataset is built, so that missing files stop a run before training, not hours in.
+
+    Raises:
+        MissingFileError: one line with the count and examples, when some are missing and
+            ``skip`` is off. With ``skip`` the same line is a warning and the names are returned
+            for the dataset to leave out.
+    """
+    missing = missing_files(folder, names)
+    if not missing:
+        return missing
     examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-    return f"{folder}: {len(missing)} of {total} files listed in {source} are missing ({examples})"
+    message = f"{folder}: {len(missing)} of {len(names)} files listed in {source} are missing ({examples})"
+    if not skip:
+        raise MissingFileError(f"{message}; set data.skip_unreadable true to train without them")
+    logger.warning("%s; left out (data.skip_unreadable is on)", message)
+    return missing

@@ -12,12 +12,14 @@ in the checkpoint, and a pipeline's own RNG runs on across epochs (and per worke
   ``f(seed, epoch, index)``, through shared memory so persistent workers see the new epoch.
   The same images come out whatever ``num_workers`` is;
 * :func:`load_skipping` replaces an unreadable sample by the next readable one when asked to,
-  and records what it skipped (the batch carries the messages; see ``SkippedSamplesReport``).
+  and records what it skipped (the batch carries the messages; see ``SkippedSamplesReport``);
+* :class:`ResumableTrainingData` puts these together for the DataModules.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,13 +67,11 @@ class SampleSeeds:
         return None if epoch is None else derived_seed(self.seed, epoch, index)
 
 
-def global_seed(default: int = 0) -> int:
-    """The seed ``seed_everything`` exported (``PL_GLOBAL_SEED``), or ``default``."""
-    import os
-
+def global_seed(default: int | None = 0) -> int | None:
+    """The seed ``seed_everything`` exported (``PL_GLOBAL_SEED``), or ``default`` without one."""
     try:
-        return int(os.environ.get("PL_GLOBAL_SEED", default))
-    except ValueError:
+        return int(os.environ["PL_GLOBAL_SEED"])
+    except (KeyError, ValueError):
         return default
 
 
@@ -152,9 +152,13 @@ def load_skipping(
     raise UnreadableSampleError(f"none of the {length} samples can be read; the last error: {skipped[-1]}")
 
 
-def collate_skipped(samples: Sequence[dict[str, Any]]) -> list[str]:
-    """All skip messages of a batch's samples."""
-    return [message for sample in samples for message in sample.get(SKIPPED_KEY, ())]
+def attach_skipped(batch: dict[str, Any], samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``batch`` with all skip messages of its ``samples`` under ``SKIPPED_KEY``, when there are any
+    (only when ``skip_unreadable`` replaced something; the DataModule removes them again)."""
+    skipped = [message for sample in samples for message in sample.get(SKIPPED_KEY, ())]
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
+    return batch
 
 
 class SkipCounter:
@@ -174,3 +178,29 @@ class SkipCounter:
         """The count so far; starts again from 0."""
         count, self.count = self.count, 0
         return count
+
+
+class ResumableTrainingData:
+    """What both DataModules add for exact resume and ``skip_unreadable`` (a mixin, listed before
+    ``LightningDataModule``): the training sampler, its epoch in checkpoints, skip counting."""
+
+    trainer: Any
+
+    def _init_resumable(self) -> None:
+        self.skipped = SkipCounter()
+        self._start_epoch = 0  # the training sampler's first epoch (after a resume: load_state_dict)
+
+    def train_sampler(self, dataset: Dataset) -> EpochSampler:
+        """This rank's share of the ``(seed, epoch)`` shuffle, from the restored epoch on."""
+        return epoch_sampler(dataset, self.trainer, epoch=self._start_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch the training sampler resumes at."""
+        return sampler_epoch_state(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count (and remove) the training set's skip messages, in the main process."""
+        return self.skipped.take(batch)

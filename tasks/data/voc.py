@@ -15,7 +15,6 @@ or greyscale (a classic bug) turns indices into colours or luminances.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -28,25 +27,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from tasks.data.files import (
-    MissingFileError,
-    UnreadableSampleError,
-    describe_missing,
-    missing_files,
-    read_label_png,
-    read_rgb,
-)
-from tasks.data.sampling import (
-    SKIPPED_KEY,
-    SampleSeeds,
-    SkipCounter,
-    collate_skipped,
-    epoch_sampler,
-    sampler_epoch_state,
-    global_seed,
-    load_skipping,
-)
-
+from tasks.data.files import UnreadableSampleError, check_listed_files, read_label_png, read_rgb
+from tasks.data.sampling import ResumableTrainingData, SampleSeeds, attach_skipped, global_seed, load_skipping
 from tasks.data.segmentation_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -62,7 +44,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )  # fmt: skip
 IGNORE_INDEX = 255
-logger = logging.getLogger(__name__)
 
 
 def find_voc2012(root: str | Path) -> Path:
@@ -83,11 +64,6 @@ def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
     files and, with ``num_classes``, labels outside ``0..num_classes - 1`` and 255.
     """
     return read_label_png(path, num_classes=num_classes, ignore_index=IGNORE_INDEX)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as ``uint8[H, W, 3]`` RGB (grey, CMYK, RGBA... converted; see ``read_rgb``)."""
-    return read_rgb(path)
 
 
 def read_split(path: Path) -> list[str]:
@@ -165,13 +141,8 @@ class VOCSegmentation(Dataset):
         """Missing images or masks stop the run now (or, skipping, are left out), not hours in."""
         gone: set[str] = set()
         for folder, suffix in ((self.voc / "JPEGImages", ".jpg"), (self.mask_dir, ".png")):
-            missing = missing_files(folder, [f"{image_id}{suffix}" for image_id in self.ids])
-            if not missing:
-                continue
-            message = describe_missing(folder, missing, len(self.ids), list_file)
-            if not self.skip_unreadable:
-                raise MissingFileError(f"{message}; set data.skip_unreadable true to train without them")
-            logger.warning("%s; left out (data.skip_unreadable is on)", message)
+            names = [f"{image_id}{suffix}" for image_id in self.ids]
+            missing = check_listed_files(folder, names, list_file, skip=self.skip_unreadable)
             gone |= {Path(name).stem for name in missing}
         self.ids = [image_id for image_id in self.ids if image_id not in gone]
         if not self.ids:
@@ -195,7 +166,7 @@ class VOCSegmentation(Dataset):
         image_id = self.ids[index]
         image_path = self.voc / "JPEGImages" / f"{image_id}.jpg"
         mask_path = self.mask_dir / f"{image_id}.png"
-        image, mask = read_image(image_path), read_mask(mask_path, self.num_classes)
+        image, mask = read_rgb(image_path), read_mask(mask_path, self.num_classes)
         if image.shape[:2] != mask.shape:
             raise UnreadableSampleError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}"
@@ -212,11 +183,7 @@ class VOCSegmentation(Dataset):
 
 def collate_segmentation(samples: Sequence[dict[str, Any]], *, ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
     """:func:`pad_collate`, plus the skip messages of ``skip_unreadable`` when there are any."""
-    batch = pad_collate(samples, ignore_index=ignore_index)
-    skipped = collate_skipped(samples)
-    if skipped:
-        batch[SKIPPED_KEY] = skipped
-    return batch
+    return attach_skipped(pad_collate(samples, ignore_index=ignore_index), samples)
 
 
 def seed_worker_transforms(worker_id: int) -> None:
@@ -232,7 +199,7 @@ def seed_worker_transforms(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-class VOCSegmentationDataModule(LightningDataModule):
+class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
     """PASCAL VOC 2012 segmentation: augmented training crops, full-resolution validation.
 
     Batches are ``{"images": Tensor[N, 3, H, W], "masks": Tensor[N, H, W] int64 (255 = ignore),
@@ -302,8 +269,7 @@ class VOCSegmentationDataModule(LightningDataModule):
         self.class_names = (
             VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class_{i}" for i in range(num_classes))
         )
-        self.skipped = SkipCounter()
-        self._start_epoch = 0  # the training sampler's first epoch (after a resume: see state_dict)
+        self._init_resumable()
         self.ignore_index = IGNORE_INDEX
         self.train_dataset: VOCSegmentation | None = None
         self.val_dataset: VOCSegmentation | None = None
@@ -367,7 +333,7 @@ class VOCSegmentationDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=(
-                epoch_sampler(dataset, self.trainer, epoch=self._start_epoch) if train else self._eval_sampler(dataset)
+                self.train_sampler(dataset) if train else self._eval_sampler(dataset)
             ),
             # Full batches only in training (BatchNorm), unless the set is smaller than one batch.
             drop_last=train and len(dataset) >= batch_size,
@@ -388,17 +354,6 @@ class VOCSegmentationDataModule(LightningDataModule):
         return UnrepeatedDistributedSampler(
             dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch the training sampler resumes at."""
-        return sampler_epoch_state(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count (and remove) the training set's skip messages, in the main process."""
-        return self.skipped.take(batch)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
