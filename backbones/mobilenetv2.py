@@ -64,7 +64,10 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 class ConvBNAct(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d, followed by ReLU6 unless ``activation`` is False."""
+    """Conv2d (no bias) + BatchNorm2d, followed by ReLU6 unless ``activation`` is False.
+
+    ``bn_eps`` / ``bn_momentum`` default to PyTorch's BatchNorm2d values (the backbone's).
+    """
 
     def __init__(
         self,
@@ -76,6 +79,8 @@ class ConvBNAct(nn.Sequential):
         dilation: int = 1,
         groups: int = 1,
         activation: bool = True,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
     ) -> None:
         padding = (kernel_size - 1) // 2 * dilation
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -89,7 +94,7 @@ class ConvBNAct(nn.Sequential):
                 groups=groups,
                 bias=False,
             ),
-            bn=nn.BatchNorm2d(out_channels),
+            bn=nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum),
         )
         if activation:
             layers["act"] = nn.ReLU6(inplace=True)
@@ -255,14 +260,12 @@ class MobileNetV2(Backbone):
     def load_weights(self, weights: str | Path) -> None:
         """Load ``"imagenet"`` (torchvision's weights) or a state dict file, checking every key."""
         if str(weights) == "imagenet":
-            from torchvision.models import MobileNet_V2_Weights
-
             if self.width_mult != 1.0:
                 raise ValueError(
                     f"weights='imagenet' exists only for width_mult=1.0, got {self.width_mult}; "
                     "pass a state dict path for other widths"
                 )
-            state_dict = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+            state_dict = imagenet_state_dict()
             source = "torchvision MobileNet_V2_Weights.IMAGENET1K_V1"
         else:
             path = Path(weights)
@@ -307,6 +310,33 @@ class MobileNetV2(Backbone):
                     if isinstance(module, nn.BatchNorm2d):
                         module.eval()
         return self
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights are neither in torchvision's cache nor downloadable (e.g. offline)."""
+
+
+def imagenet_state_dict() -> dict[str, Tensor]:
+    """torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1`` state dict: from torch.hub's cache, else
+    downloaded there (``weights_only=True``: a weight file never runs code).
+
+    Raises:
+        WeightsUnavailableError: one line saying where the file must be copied for offline use,
+            and how to train without it or from a local file.
+    """
+    from torchvision.models import MobileNet_V2_Weights
+
+    url = MobileNet_V2_Weights.IMAGENET1K_V1.url
+    try:
+        return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=True, weights_only=True)
+    except OSError as error:  # URLError, socket and DNS failures are all OSErrors
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        reason = getattr(error, "reason", None) or error
+        raise WeightsUnavailableError(
+            f"could not download the ImageNet backbone weights from {url} ({reason}); copy that file "
+            f"to {cache} (torchvision's cache), or pass a local state dict with "
+            "--model.weights_backbone PATH, or train from scratch with --model.weights_backbone null"
+        ) from error
 
 
 def _last_block_needed(out_features: Sequence[str]) -> int:

@@ -8,7 +8,8 @@ SSDLite layers are attached on top of the last layer (with output stride of 32).
 :class:`SSDLiteHead` takes the backbone's named maps (by default ``c4_expand`` and
 ``final_conv``), adds the extra layers of the TF Object Detection API's SSD MobileNetV2 feature
 extractor (depths 512, 256, 256, 128; each a 1x1 conv to half depth, a 3x3 depthwise conv of
-stride 2 and a 1x1 conv, with BatchNorm + ReLU6), and predicts class logits and box deltas on the
+stride 2 and a 1x1 conv, with BatchNorm + ReLU6; BatchNorm eps 1e-3 and momentum 0.03 as
+torchvision's SSDLite), and predicts class logits and box deltas on the
 six maps (19x19, 10x10, 5x5, 3x3, 2x2, 1x1 at 300x300) with separable predictors.
 
 Head contract: ``forward(features) -> {"cls_logits", "bbox_regression", "anchors"}`` (tensors
@@ -20,8 +21,8 @@ image_sizes) -> [{"boxes", "scores", "labels"}]``. Box geometry works in normali
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ from heads.anchors import (
 )
 
 LossType = Literal["hard_negative_mining", "focal"]
+# BatchNorm of the extra layers and predictors: torchvision's SSDLite (eps 1e-3, momentum 0.03;
+# the TF configs use eps 1e-3 and decay 0.9997). The backbone keeps PyTorch's defaults.
+HEAD_BN_EPS = 1e-3
+HEAD_BN_MOMENTUM = 0.03
 # TF's SSD configs initialise sigmoid class biases to -4.6 = -log((1 - 0.01) / 0.01): every
 # anchor starts as background with probability 0.99, so focal loss does not explode (RetinaNet 3.3).
 FOCAL_PRIOR_PROBABILITY = 0.01
@@ -54,21 +59,31 @@ class ExtraBlock(nn.Sequential):
     ``use_depthwise``). The map shrinks to ``ceil(H / 2)``.
     """
 
-    def __init__(self, in_channels: int, depth: int) -> None:
+    def __init__(
+        self, in_channels: int, depth: int, *, bn_eps: float = HEAD_BN_EPS, bn_momentum: float = HEAD_BN_MOMENTUM
+    ) -> None:
         mid = depth // 2
+        bn = {"bn_eps": bn_eps, "bn_momentum": bn_momentum}
         super().__init__(
-            ConvBNAct(in_channels, mid, 1),
-            ConvBNAct(mid, mid, 3, stride=2, groups=mid),
-            ConvBNAct(mid, depth, 1),
+            ConvBNAct(in_channels, mid, 1, **bn),
+            ConvBNAct(mid, mid, 3, stride=2, groups=mid, **bn),
+            ConvBNAct(mid, depth, 1, **bn),
         )
 
 
 class SeparablePredictor(nn.Sequential):
     """SSDLite's predictor: 3x3 depthwise conv + BatchNorm + ReLU6, then a 1x1 conv (with bias)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        bn_eps: float = HEAD_BN_EPS,
+        bn_momentum: float = HEAD_BN_MOMENTUM,
+    ) -> None:
         super().__init__(
-            ConvBNAct(in_channels, in_channels, 3, groups=in_channels),
+            ConvBNAct(in_channels, in_channels, 3, groups=in_channels, bn_eps=bn_eps, bn_momentum=bn_momentum),
             nn.Conv2d(in_channels, out_channels, 1),
         )
 
@@ -76,10 +91,18 @@ class SeparablePredictor(nn.Sequential):
 class SSDLiteHead(nn.Module):
     """SSDLite extra layers, class/box predictors, anchors, loss and post-processing.
 
+    Valid labels: ``valid_labels`` (BoolTensor[num_classes], a persistent buffer, so checkpoints
+    and exports keep it) says which logits are classes; all by default. With COCO category ids as
+    labels (91 logits) the 10 ids COCO never uses (12, 26, 29, 30, 45, 66, 68, 69, 71, 83) are
+    slots without a category: :meth:`set_valid_labels` masks them out of the loss (softmax over
+    the valid classes only; the focal loss ignores them) and gives them score 0 in
+    post-processing, so the detector never emits a label that has no category.
+
     Args:
         input_shape: the backbone's ``output_shape()``.
         num_classes: number of class logits per anchor, background included (index 0): 91 for
-            COCO category ids used as labels (1..90), 81 for 80 contiguous COCO classes.
+            COCO category ids used as labels (1..90, unused ids masked with
+            :meth:`set_valid_labels`), 81 for 80 contiguous COCO classes.
         in_features: backbone maps the first SSDLite layers attach to, finest first; the extra
             layers grow from the last one.
         extra_depths: output channels of the extra layers (TF: 512, 256, 256, 128).
@@ -94,7 +117,8 @@ class SSDLiteHead(nn.Module):
         min_negatives_per_image: negatives kept even in an image without objects (TF: 3), so
             empty images still teach the background.
         focal_alpha, focal_gamma: focal loss parameters.
-        score_threshold: detections scoring below it are dropped before NMS.
+        score_threshold: detections must score above it (>= 0, so masked labels, scored 0,
+            never pass).
         nms_threshold: IoU of per-class non-maximum suppression.
         topk_candidates: best-scoring (anchor, class) pairs of an image kept before NMS, over all
             classes (mmdet's ``nms_pre``): NMS work stays bounded however many boxes pass the threshold.
@@ -139,6 +163,8 @@ class SSDLiteHead(nn.Module):
             raise ValueError(f"loss_type must be 'hard_negative_mining' or 'focal', got {loss_type!r}")
         if len(box_coder_weights) != 4:
             raise ValueError(f"box_coder_weights needs 4 values, got {list(box_coder_weights)}")
+        if score_threshold < 0:
+            raise ValueError(f"score_threshold must be >= 0, got {score_threshold}")
         self.num_classes = num_classes
         self.in_features = tuple(in_features)
         self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
@@ -152,6 +178,8 @@ class SSDLiteHead(nn.Module):
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
         self.detections_per_image = detections_per_image
+        # Which logits are classes (index 0, the background, always is); see set_valid_labels.
+        self.register_buffer("valid_labels", torch.ones(num_classes, dtype=torch.bool))
 
         # Declared shapes of the maps the predictors see (taps, then the extra layers).
         shapes = {name: input_shape[name] for name in self.in_features}
@@ -196,6 +224,30 @@ class SSDLiteHead(nn.Module):
             prior = -math.log((1 - FOCAL_PRIOR_PROBABILITY) / FOCAL_PRIOR_PROBABILITY)
             for predictor in self.cls_predictors:
                 nn.init.constant_(predictor[-1].bias, prior)
+
+    def set_valid_labels(self, labels: Iterable[int]) -> None:
+        """Make ``labels`` (foreground, in ``1..num_classes-1``) the only classes; the background stays.
+
+        Every other logit is left out of the loss and scores 0 in post-processing: what a head
+        with category ids as labels needs for the ids its dataset does not use.
+        """
+        labels = sorted({int(label) for label in labels})
+        outside = [label for label in labels if not 1 <= label < self.num_classes]
+        if outside or not labels:
+            raise ValueError(
+                f"valid labels must be a non-empty set in 1..{self.num_classes - 1} (num_classes="
+                f"{self.num_classes}, background 0 excluded), got {outside or labels}"
+            )
+        valid = torch.zeros_like(self.valid_labels)
+        valid[0] = True
+        valid[labels] = True
+        self.valid_labels.copy_(valid)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before valid_labels existed have no such entry: keep the current
+        # mask (all labels valid on a new head; what setup() set from the data otherwise).
+        state_dict.setdefault(prefix + "valid_labels", self.valid_labels.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def feature_shape(self) -> dict[str, FeatureSpec]:
         """Channels and stride of the maps the predictors see: taps then ``extra1``.. (declared).
@@ -292,7 +344,8 @@ class SSDLiteHead(nn.Module):
 
         Returns:
             ``loss_cls`` (hard-negative-mined cross-entropy or focal loss) and ``loss_box``
-            (smooth L1 on the encoded deltas of positive anchors).
+            (smooth L1 on the encoded deltas of positive anchors). Logits of labels that are
+            not valid (:meth:`set_valid_labels`) take no part: target labels must be valid.
         """
         cls_logits = outputs["cls_logits"].float()
         deltas = outputs["bbox_regression"].float()
@@ -310,11 +363,14 @@ class SSDLiteHead(nn.Module):
 
         if self.loss_type == "focal":
             one_hot = F.one_hot(labels, self.num_classes)[..., 1:].to(cls_logits.dtype)
-            per_anchor = sigmoid_focal_loss(
+            per_class = sigmoid_focal_loss(
                 cls_logits[..., 1:], one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
-            ).sum(dim=-1)
+            )
+            per_anchor = per_class.masked_fill(~self.valid_labels[1:], 0.0).sum(dim=-1)
             loss_cls = per_anchor.masked_fill(ignore, 0.0).sum() / normaliser
         else:
+            # Softmax over the valid classes only: the others' logits become -inf (probability 0).
+            cls_logits = cls_logits.masked_fill(~self.valid_labels, -math.inf)
             loss_cls = self._hard_negative_mining_loss(cls_logits, labels, positive, ignore) / normaliser
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
@@ -339,10 +395,13 @@ class SSDLiteHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def scores(self, cls_logits: Tensor) -> Tensor:
-        """Per-class probabilities without the background: Tensor[N, A, num_classes - 1]."""
+        """Per-class probabilities without the background: Tensor[N, A, num_classes - 1].
+
+        Labels that are not valid score exactly 0 (softmax over the valid classes only).
+        """
         if self.loss_type == "focal":
-            return cls_logits[..., 1:].sigmoid()
-        return cls_logits.softmax(dim=-1)[..., 1:]
+            return cls_logits[..., 1:].sigmoid().masked_fill(~self.valid_labels[1:], 0.0)
+        return cls_logits.masked_fill(~self.valid_labels, -math.inf).softmax(dim=-1)[..., 1:]
 
     @torch.no_grad()
     def postprocess(
@@ -358,8 +417,8 @@ class SSDLiteHead(nn.Module):
 
         Returns:
             One dict per image: ``boxes`` (FloatTensor[D, 4], absolute xyxy in that image),
-            ``scores`` (FloatTensor[D], descending) and ``labels`` (Int64Tensor[D] in
-            ``1..num_classes-1``), D <= ``detections_per_image``.
+            ``scores`` (FloatTensor[D], descending) and ``labels`` (Int64Tensor[D], valid labels
+            in ``1..num_classes-1``), D <= ``detections_per_image``.
         """
         device = outputs["cls_logits"].device
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)

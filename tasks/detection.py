@@ -22,15 +22,19 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from backbones import Backbone, MobileNetV2
+from backbones.mobilenetv2 import imagenet_state_dict
 from heads.anchors import BOX_CODER_WEIGHTS
 from heads.ssdlite import LossType, SSDLiteHead
+from tasks.data.detection_transforms import detection_eval_transform, normalize_images
 from tasks.evaluation.coco_map import SUMMARY_KEYS, Backend, COCOMeanAveragePrecision
+from tasks.lr_scaling import scaled_lr
 
 # TF's SSD feature extractors: extra-layer depths scale with the width multiplier but never
 # drop below 16 channels (``min_depth``).
@@ -117,6 +121,31 @@ def ssdlite_mobilenetv2_coco(*, contiguous_labels: bool = False, **kwargs: Any) 
     return ssdlite_mobilenetv2(num_classes=num_classes, **kwargs)
 
 
+def num_classes_advice(
+    data_num_classes: int, model_num_classes: int, label_to_category_id: Mapping[int, int] | None
+) -> str:
+    """One line for a model with too few logits for its data, naming the settings that fit.
+
+    With contiguous labels (``1..K``) the fix is ``num_classes K + 1``. With category ids as
+    labels there are two: number the categories contiguously, or keep one logit per id up to
+    the largest (the ids without a category are then masked out, see ``set_valid_labels``).
+    """
+    problem = (
+        f"the data has labels up to {data_num_classes - 1} but the model has num_classes="
+        f"{model_num_classes} (background included)"
+    )
+    labels = sorted(label_to_category_id or {})
+    if not labels or labels == list(range(1, len(labels) + 1)):
+        return f"{problem}; set --model.num_classes {data_num_classes}"
+    count = len(labels)
+    return (
+        f"{problem}: its {count} categories are labelled by their ids (data.contiguous_labels false); "
+        f"either number them 1..{count} with --data.contiguous_labels true --model.num_classes {count + 1}, "
+        f"or keep one logit per id with --model.num_classes {data_num_classes} (the "
+        f"{data_num_classes - 1 - count} ids without a category are masked out)"
+    )
+
+
 class WarmupSchedule:
     """Learning-rate factor per optimiser step: linear warm-up, then cosine, exponential or constant.
 
@@ -184,6 +213,10 @@ class SSDLiteDetection(LightningModule):
             ``"adamw"``.
         lr, momentum, nesterov, weight_decay: weight decay (L2, 4e-5 as the paper) is applied
             to conv/linear weights only, never to BatchNorm parameters or biases.
+        lr_reference_batch: the effective batch ``lr`` is given for (torchvision's SSDLite: 0.15
+            for 192 = 8 GPUs x 24). The lr used is ``lr x batch_size x world_size x
+            accumulate_grad_batches / lr_reference_batch`` (linear scaling, see
+            :mod:`tasks.lr_scaling`; logged once when fitting starts). None: ``lr`` as given.
         lr_schedule, warmup_steps, warmup_factor, min_lr_ratio, lr_decay_rate, lr_decay_steps:
             per-step schedule, see :class:`WarmupSchedule`.
         eval_backend: COCOeval implementation (see :func:`evaluate_detections`).
@@ -222,6 +255,7 @@ class SSDLiteDetection(LightningModule):
         detections_per_image: int = 100,
         optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd",
         lr: float = 0.15,
+        lr_reference_batch: int | None = None,
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 4e-5,
@@ -280,6 +314,8 @@ class SSDLiteDetection(LightningModule):
         # {label: class name}, from the DataModule at save time: pictures and tools need the
         # names long after the annotation files are gone.
         self.class_names: dict[int, str] = {}
+        # {label: COCO category id}, likewise: predictions files of tools/predict.py use it.
+        self.label_to_category_id: dict[int, int] = {}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model(images)
@@ -290,17 +326,22 @@ class SSDLiteDetection(LightningModule):
         if names:
             self.class_names = {int(label): str(name) for label, name in dict(names).items()}
         checkpoint["class_names"] = self.class_names
+        to_category = getattr(datamodule, "label_to_category_id", None)
+        if to_category:
+            self.label_to_category_id = {int(label): int(category) for label, category in dict(to_category).items()}
+        checkpoint["label_to_category_id"] = self.label_to_category_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = {int(label): name for label, name in checkpoint.get("class_names", {}).items()}
+        self.label_to_category_id = {
+            int(label): int(category) for label, category in checkpoint.get("label_to_category_id", {}).items()
+        }
 
     # ------------------------------------------------------------------ data wiring
     def prepare_data(self) -> None:
         """Download the ImageNet backbone weights once per node before the ranks load them."""
         if self.hparams.weights_backbone == "imagenet":
-            from torchvision.models import MobileNet_V2_Weights
-
-            MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+            imagenet_state_dict()
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.weights_backbone and not self._backbone_weights_loaded:
@@ -312,12 +353,20 @@ class SSDLiteDetection(LightningModule):
         if datamodule is None:
             return
         num_classes = getattr(datamodule, "num_classes", None)
+        label_to_category_id = getattr(datamodule, "label_to_category_id", None)
         if num_classes is not None and num_classes > self.hparams.num_classes:
-            raise ValueError(
-                f"the data has labels up to {num_classes - 1} but the model has num_classes="
-                f"{self.hparams.num_classes} (background included); "
-                f"set model.init_args.num_classes: {num_classes}"
-            )
+            raise ValueError(num_classes_advice(num_classes, self.hparams.num_classes, label_to_category_id))
+        if label_to_category_id and stage in ("fit", "validate", "test"):
+            # Label slots without a category (the 10 unused COCO ids with 91 logits) are masked
+            # out of the loss and the scores: the detector never emits a label it cannot name.
+            # A checkpoint restored after setup brings the same mask (it is a buffer).
+            self.model.head.set_valid_labels(label_to_category_id)
+            unused = (~self.model.head.valid_labels[1:]).nonzero().flatten().add(1).tolist()
+            if unused:
+                rank_zero_info(
+                    f"{len(unused)} of {self.hparams.num_classes - 1} label slots have no category and "
+                    f"are masked out: {unused}"
+                )
         data_size = getattr(datamodule, "image_size", None)
         if data_size is not None and data_size != self.image_size:
             rank_zero_warn(
@@ -422,6 +471,37 @@ class SSDLiteDetection(LightningModule):
         detections = self.model.head.postprocess(outputs, batch["orig_sizes"])
         return [{"image_id": int(i), **d} for i, d in zip(batch["image_ids"], detections)]
 
+    @torch.no_grad()
+    def predict_images(
+        self, images: Sequence[np.ndarray], *, max_size: int | None = None
+    ) -> list[dict[str, Tensor]]:
+        """Detections on RGB ``uint8[H, W, 3]`` arrays through validation's own steps.
+
+        The validation transform (``detection_eval_transform``: the fixed SSD resize), the
+        DataModule's normalisation and :meth:`predict_step`, so a picture from
+        ``tools/predict.py`` shows what validation scored. ``max_size`` is unused: the input is
+        resized to ``image_size`` anyway.
+
+        Returns:
+            Per image ``boxes`` (FloatTensor[D, 4] absolute xyxy in the image), ``scores``, ``labels``.
+        """
+        transform = detection_eval_transform(self.image_size)
+        no_boxes = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "is_crowd": []}
+        inputs = [torch.from_numpy(transform(image=image, **no_boxes)["image"].transpose(2, 0, 1).copy()) for image in images]
+        batch = {
+            "images": normalize_images(torch.stack(inputs).to(self.device)),
+            "orig_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.int64),
+            "image_ids": torch.arange(len(images)),
+        }
+        return [
+            {key: value for key, value in detection.items() if key != "image_id"}
+            for detection in self.predict_step(batch, 0)
+        ]
+
+    def label_names(self) -> list[str]:
+        """Class names by label (saved from the DataModule), the label number where none is known."""
+        return [self.class_names.get(label, str(label)) for label in range(self.hparams.num_classes)]
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weights with weight decay; BatchNorm parameters and biases (all 1-d) without."""
@@ -437,16 +517,17 @@ class SSDLiteDetection(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = self.parameter_groups()
+        lr = scaled_lr(hp.lr, hp.lr_reference_batch, self._trainer)
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         elif hp.optimizer == "rmsprop":
             # TF's RMSProp puts epsilon inside the square root and starts its mean square at 1;
             # with TF's eps = 1.0 both start as momentum SGD at about lr, as here.
             optimizer = torch.optim.RMSprop(
-                groups, lr=hp.lr, alpha=hp.rmsprop_alpha, eps=hp.rmsprop_eps, momentum=hp.momentum
+                groups, lr=lr, alpha=hp.rmsprop_alpha, eps=hp.rmsprop_eps, momentum=hp.momentum
             )
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr)
         total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         if hp.lr_schedule == "cosine" and not math.isfinite(total_steps):
             raise ValueError(

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -28,7 +30,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import Backbone, MobileNetV2
 from heads.deeplabv3 import DeepLabV3Head, upsample_logits
+from tasks.data.segmentation_transforms import eval_transforms
+from tasks.data.voc import VOC_CLASSES
 from tasks.evaluation.miou import MeanIoU
+from tasks.lr_scaling import scaled_lr
 
 # TF DeepLab (train.py): "Set to True if one wants to fine-tune the batch norm parameters in
 # DeepLabv3 ... it is recommended to use train_batch_size >= 12".
@@ -174,6 +179,10 @@ class DeepLabV3Segmentation(LightningModule):
             weight decay, default betas), which leaves the all-background plateau much sooner when
             training from scratch on a small budget (the synthetic config).
         lr: base learning rate (TF DeepLab: 0.007 for SGD at batch 16 on train_aug).
+        lr_reference_batch: the effective batch ``lr`` is given for (16 for TF DeepLab's 0.007).
+            The lr used is ``lr x batch_size x world_size x accumulate_grad_batches /
+            lr_reference_batch`` (linear scaling, see :mod:`tasks.lr_scaling`; logged once when
+            fitting starts). None: ``lr`` as given.
         momentum: SGD momentum (0.9).
         weight_decay: on conv weights (4e-5, TF's MobileNetV2 value); none on BN and biases.
         poly_power: the "poly" schedule ``lr * (1 - step / max_steps) ** power``, per step.
@@ -208,6 +217,7 @@ class DeepLabV3Segmentation(LightningModule):
         ignore_index: int = 255,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.007,
+        lr_reference_batch: int | None = None,
         momentum: float = 0.9,
         weight_decay: float = 4e-5,
         poly_power: float = 0.9,
@@ -250,6 +260,8 @@ class DeepLabV3Segmentation(LightningModule):
         self.val_miou = MeanIoU(num_classes, ignore_index=ignore_index)
         self.test_miou = MeanIoU(num_classes, ignore_index=ignore_index)
         self.bn_frozen: bool | None = freeze_bn
+        # {label: class name}, from the DataModule at save time (see on_save_checkpoint).
+        self.class_names: dict[int, str] = {}
         self._backbone_weights_loaded = False
         if freeze_bn:
             self._freeze_bn()
@@ -324,10 +336,11 @@ class DeepLabV3Segmentation(LightningModule):
             {"params": decay, "weight_decay": hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        lr = scaled_lr(hp.lr, hp.lr_reference_batch, self._trainer)
         if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
         elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr)
         else:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
         total_steps = hp.max_steps if hp.max_steps is not None else int(self.trainer.estimated_stepping_batches)
@@ -372,6 +385,55 @@ class DeepLabV3Segmentation(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_miou(self.test_miou, "test")
+
+    @torch.no_grad()
+    def predict_images(
+        self, images: Sequence[np.ndarray], *, max_size: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Label maps of RGB ``uint8[H, W, 3]`` arrays through validation's own steps.
+
+        Each image is normalised by the validation transform (full resolution, one at a time
+        like ``val_batch_size: 1``) and segmented by :meth:`predict_step`. An image whose longest
+        side exceeds ``max_size`` is scaled down for the network (area interpolation) and its
+        label map scaled back with nearest neighbours, so huge photos do not need gigabytes.
+
+        Returns:
+            Per image ``{"labels": Int64Tensor[H, W], "inference_size": (h, w)}``.
+        """
+        transform = eval_transforms()
+        predictions = []
+        for image in images:
+            height, width = image.shape[:2]
+            longest = max(height, width)
+            network_input = image
+            if max_size is not None and longest > max_size:
+                size = (max(1, round(width * max_size / longest)), max(1, round(height * max_size / longest)))
+                network_input = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            tensor = transform(image=network_input)["image"].float()[None].to(self.device)
+            inference_size = tuple(int(v) for v in network_input.shape[:2])
+            (labels,) = self.predict_step({"images": tensor, "image_sizes": [inference_size]}, 0)
+            if inference_size != (height, width):
+                labels = F.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+            predictions.append({"labels": labels.cpu(), "inference_size": inference_size})
+        return predictions
+
+    def label_names(self) -> list[str]:
+        """Class names by label: saved from the DataModule at training time, else VOC's for 21
+        classes, else the label numbers."""
+        saved = dict(self.class_names)
+        if not saved and self.hparams.num_classes == len(VOC_CLASSES):
+            return list(VOC_CLASSES)
+        return [saved.get(label, str(label)) for label in range(self.hparams.num_classes)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        if names:
+            self.class_names = dict(enumerate(str(name) for name in names))
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = {int(label): str(name) for label, name in checkpoint.get("class_names", {}).items()}
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[Tensor]:
         """Per-image label maps ``Tensor[H, W]`` int64, cropped to ``batch["image_sizes"]``."""

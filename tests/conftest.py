@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tools import train
-from tools.make_synthetic import make_coco, make_voc
+from tools.make_synthetic import make_coco, make_realistic_coco, make_realistic_voc, make_voc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,25 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root that contains ``VOCdevkit/VOC2012`` (pass it as torchvision's VOCSegmentation ``root``)."""
     return make_voc(tmp_path_factory.mktemp("synthetic") / "voc", **SYNTHETIC_VOC)
+
+
+# The real datasets' quirks in miniature (tasks/data/synthetic.py, "realistic"): 16 train / 8 val
+# images of at most 256 px cover every quirk the generator schedules; each set takes about 0.3 s.
+REALISTIC = {"num_train": 16, "num_val": 8, "seed": 0, "min_size": 160, "max_size": 256}
+
+
+@pytest.fixture(scope="session")
+def realistic_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """COCO 2017 layout with COCO's 80 categories and real ids (objects under 1, 13, 46, 72, 90),
+    crowd RLE as lists and strings, empty, grey, CMYK and RGBA images, sparse image ids."""
+    return make_realistic_coco(tmp_path_factory.mktemp("realistic") / "coco", **REALISTIC)
+
+
+@pytest.fixture(scope="session")
+def realistic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VOC 2012 + SBD layout: palette masks with void borders, interleaved train/val ids, grey
+    ``SegmentationClassAug`` masks and ``train_aug.txt`` (so ``train_split: auto`` picks train_aug)."""
+    return make_realistic_voc(tmp_path_factory.mktemp("realistic") / "voc", **REALISTIC)
 
 
 # Checkpoints of two optimiser steps through the real CLI and configs, shrunk to tiny sizes.

@@ -157,6 +157,28 @@ def test_imagenet_weights_load_through_torchvision_enum(
         MobileNetV2(width_mult=0.5, weights="imagenet")
 
 
+def test_offline_imagenet_weights_fail_with_one_line_saying_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    from backbones.mobilenetv2 import WeightsUnavailableError
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError) as caught:
+        MobileNetV2(weights="imagenet")
+    message = str(caught.value)
+    assert "\n" not in message
+    cache = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert str(cache) in message
+    assert "--model.weights_backbone null" in message and "--model.weights_backbone PATH" in message
+    assert "Temporary failure in name resolution" in message
+
+
 def test_own_format_state_dict_round_trip(tmp_path: Path) -> None:
     source = MobileNetV2(out_features=ALL).eval()
     path = tmp_path / "ours.pth"

@@ -20,7 +20,7 @@ from tasks.data.coco import COCODetectionDataModule
 from tasks.data.files import MissingFileError, UnreadableSampleError, read_rgb
 from tasks.data.voc import VOCSegmentation
 from tasks.segmentation import DeepLabV3Segmentation
-from tools.checkpoints import check_compatible
+from tasks.checkpoints import check_compatible
 from tools.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,10 +210,55 @@ def test_empty_annotation_files(coco: Path, content: str | None, message: str) -
 
 def test_no_training_images_with_objects(coco: Path) -> None:
     data = gt(coco)
-    data["annotations"] = []
+    data["annotations"] = [{**a, "iscrowd": 1} for a in data["annotations"]]  # crowd regions only
     write_gt(coco, data)
     with pytest.raises(ValueError, match=r"instances_train2017.json: no usable images in train2017 with objects"):
         coco_module(coco).setup("fit")
+
+
+@pytest.mark.parametrize(("split", "stage"), [("train2017", "fit"), ("val2017", "validate")])
+def test_annotation_file_without_annotations_key_is_refused(coco: Path, split: str, stage: str) -> None:
+    # pycocotools reads such a file (an image_info file, say) as "no objects": training would see
+    # pure background (keep_empty_images) and COCOeval would give AP = -1, silently.
+    data = gt(coco, split)
+    del data["annotations"]
+    write_gt(coco, data, split)
+    with pytest.raises(ValueError, match=rf"instances_{split}.json: no 'annotations' key"):
+        coco_module(coco, keep_empty_images=True).setup(stage)
+
+
+def test_empty_annotations_list_stops_training_and_warns_for_validation(
+    coco: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for split in ("train2017", "val2017"):
+        data = gt(coco, split)
+        data["annotations"] = []
+        write_gt(coco, data, split)
+    with pytest.raises(ValueError, match=r"instances_train2017.json: 'annotations' is empty; training would see background only"):
+        coco_module(coco, keep_empty_images=True).setup("fit")
+    dm = coco_module(coco)
+    with caplog.at_level(logging.WARNING, logger="tasks.data.coco"):
+        dm.setup("validate")  # a split without objects can still be predicted on
+    assert "instances_val2017.json: 'annotations' is empty: every detection on val2017 counts as a false positive" in caplog.text
+    assert len(dm.datasets["val"]) == len(gt(coco, "val2017")["images"])
+
+
+@pytest.mark.parametrize("config", [DET_CONFIG, SEG_CONFIG], ids=["coco", "voc"])
+def test_mistyped_root_of_a_synthetic_config_is_not_filled_with_new_data(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    typo = tmp_path / "data" / "synthetc"
+    try:
+        main(["fit", "--config", config, "--data.root", str(typo), "--trainer.fast_dev_run", "1",
+              "--trainer.default_root_dir", str(tmp_path / "runs"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
+    except (FileNotFoundError, SystemExit) as error:  # raised, or printed as one line by the CLI
+        message = f"{error}\n{capsys.readouterr().err}"
+    else:
+        pytest.fail("training started on a root that does not exist")
+    assert f"{typo}: COCO root directory not found" in message or f"{typo}: no PASCAL VOC 2012 found" in message
+    assert "--data.write_synthetic true" in message
+    assert not typo.exists()
 
 
 def test_wrong_folder_layouts_say_what_is_expected(coco: Path, voc: Path) -> None:

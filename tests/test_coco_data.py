@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import tasks.data.synthetic
 from tasks.data.coco import COCODetection, COCODetectionDataModule, collate_detection, load_coco_annotations
+from tasks.data.synthetic import COCO_2017_CATEGORIES, REALISTIC_COCO_CATEGORY_IDS
 from tasks.data.detection_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -160,12 +162,180 @@ def test_synthetic_flag_writes_the_data_once(tmp_path: Path, monkeypatch: pytest
         return real(root, num_train=6, num_val=2, min_size=96, max_size=128)
 
     monkeypatch.setattr(tasks.data.synthetic, "make_coco", small)
-    dm = datamodule(tmp_path / "synth", synthetic=True)
+    dm = datamodule(tmp_path / "synth", synthetic=True, write_synthetic=True)
     dm.prepare_data()
     dm.prepare_data()  # already there: not rewritten
     assert calls == [tmp_path / "synth"]
     dm.setup("validate")
     assert len(dm.datasets["val"]) == 2
+
+
+def test_synthetic_set_is_written_only_at_its_default_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(tasks.data.synthetic, "make_coco", lambda root: calls.append(Path(root)))
+    monkeypatch.chdir(tmp_path)  # the default root data/synthetic/coco is relative to the working directory
+    datamodule("data/synthetic/coco", synthetic=True).prepare_data()
+    assert calls == [Path("data/synthetic/coco")]
+    typo = datamodule(tmp_path / "data" / "synthetc" / "coco", synthetic=True)
+    typo.prepare_data()  # a mistyped root: nothing written ...
+    assert calls == [Path("data/synthetic/coco")] and not (tmp_path / "data" / "synthetc").exists()
+    with pytest.raises(FileNotFoundError, match=r"synthetc/coco: COCO root directory not found; .*only at data/synthetic/coco; add --data.write_synthetic true"):
+        typo.setup("fit")  # ... and a "not found" that says how to write it there
+    datamodule(tmp_path / "elsewhere", synthetic=True, write_synthetic=True).prepare_data()  # asked: written
+    assert calls[-1] == tmp_path / "elsewhere"
+    real = datamodule(tmp_path / "real")  # not a synthetic config: no hint
+    with pytest.raises(FileNotFoundError, match=r"real: COCO root directory not found$"):
+        real.setup("fit")
+
+
+def test_synthetic_configs_use_the_default_roots() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for config, default in (
+        ("ssdlite_mobilenetv2_synthetic.yaml", tasks.data.synthetic.SYNTHETIC_COCO_ROOT),
+        ("deeplabv3_mobilenetv2_synthetic.yaml", tasks.data.synthetic.SYNTHETIC_VOC_ROOT),
+    ):
+        data = yaml.safe_load((root / config).read_text())["data"]["init_args"]
+        assert Path(data["root"]) == default and data["synthetic"] is True and data["write_synthetic"] is False
+
+
+# ------------------------------------------------------------------------- the real datasets' quirks
+def _realistic_gt(root: Path, split: str) -> dict:
+    return annotations(root, f"{split}2017")
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["80-labels", "91-ids"])
+def test_realistic_labels_map_to_real_category_ids(realistic_coco: Path, contiguous: bool) -> None:
+    dm = datamodule(realistic_coco, contiguous_labels=contiguous)
+    ids = [category_id for category_id, _, _ in COCO_2017_CATEGORIES]
+    if contiguous:
+        assert dm.label_to_category_id == dict(enumerate(ids, start=1)) and dm.num_classes == 81
+        assert dm.category_id_to_label[13] == 12 and dm.category_id_to_label[90] == 80
+    else:
+        assert dm.label_to_category_id == {i: i for i in ids} and dm.num_classes == 91
+    assert dm.class_names[dm.category_id_to_label[90]] == "toothbrush"
+    dm.setup("validate")
+    gt = _realistic_gt(realistic_coco, "val")
+    images = {image["id"]: image for image in gt["images"]}
+    seen = set()
+    for batch in dm.val_dataloader():
+        for image_id, target in zip(batch["image_ids"].tolist(), batch["targets"]):
+            info = images[image_id]
+            objects = [
+                a for a in gt["annotations"]
+                if a["image_id"] == image_id and not a["iscrowd"]
+                and min(a["bbox"][2] * SIZE / info["width"], a["bbox"][3] * SIZE / info["height"], *a["bbox"][2:]) >= 1
+            ]  # fmt: skip
+            expected = sorted(a["category_id"] for a in objects)
+            assert sorted(dm.label_to_category_id[label] for label in target["labels"].tolist()) == expected
+            seen |= set(expected)
+    assert seen == set(REALISTIC_COCO_CATEGORY_IDS.values())  # 1, 13, 46, 72 and 90 all came through
+
+
+def test_realistic_crowd_regions_become_crowd_boxes(realistic_coco: Path) -> None:
+    dm = datamodule(realistic_coco, keep_empty_images=True)
+    dm.setup("fit")
+    for split in ("train", "val"):
+        gt = _realistic_gt(realistic_coco, split)
+        dataset = dm.datasets[split]
+        crowds = [a for a in gt["annotations"] if a["iscrowd"]]
+        assert {type(a["segmentation"]["counts"]) for a in crowds} == {list, str}
+        for a in crowds:
+            index = next(i for i, r in enumerate(dataset.records) if r["image_id"] == a["image_id"])
+            record = dataset.records[index]
+            x, y, w, h = a["bbox"]
+            np.testing.assert_allclose(record["crowd_boxes"], [[x, y, x + w, y + h]])
+            objects = [b for b in gt["annotations"] if b["image_id"] == a["image_id"] and not b["iscrowd"]]
+            assert len(record["boxes"]) == len(record["labels"]) == len(objects)  # the crowd is no object
+            if split == "val":  # resize only: the crowd box reaches the batch, scaled, apart from objects
+                sample = dataset[index]
+                scale = np.array([SIZE / record["size"][1], SIZE / record["size"][0]] * 2)
+                np.testing.assert_allclose(sample["crowd_boxes"].numpy(), [[x, y, x + w, y + h] * scale], atol=1e-3)
+                assert len(sample["boxes"]) == len(sample["labels"]) == len(record["boxes"])
+
+
+def test_realistic_empty_images_are_kept_for_validation_only(realistic_coco: Path) -> None:
+    dm = datamodule(realistic_coco)
+    dm.setup("fit")
+    for split, kept in (("train", False), ("val", True)):
+        gt = _realistic_gt(realistic_coco, split)
+        empty = {im["id"] for im in gt["images"]} - {a["image_id"] for a in gt["annotations"]}
+        ids = {r["image_id"] for r in dm.datasets[split].records}
+        assert empty and (empty <= ids) == kept and (not empty & ids) == (not kept)
+    assert len(dm.datasets["val"]) == len(_realistic_gt(realistic_coco, "val")["images"])
+
+
+def test_realistic_images_decode_to_rgb(realistic_coco: Path) -> None:
+    dm = datamodule(realistic_coco, keep_empty_images=True)
+    dm.setup("fit")
+    modes = set()
+    for split in ("train", "val"):
+        dataset = dm.datasets[split]
+        for index, record in enumerate(dataset.records):
+            path = dataset.image_dir / record["file_name"]
+            with Image.open(path) as image:
+                mode = image.mode
+                reference = np.asarray(image.convert("RGB"), dtype=np.float64)
+            modes.add(mode)
+            rgb = dataset.load_image(index)
+            assert rgb.dtype == np.uint8 and rgb.shape == (*record["size"], 3), path
+            if mode == "L":
+                assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+            # CMYK JPEGs: PIL's conversion (Adobe's inverted CMYK); RGBA: alpha dropped.
+            assert np.abs(rgb - reference).mean() < 1.0, path
+            assert dataset[index]["image"].shape == (3, SIZE, SIZE)
+    assert modes == {"RGB", "L", "CMYK", "RGBA"}
+
+
+def _sample_boxes_equal_records(dataset: COCODetection) -> None:
+    """The evaluation transform drops no box: every record's boxes reach its sample."""
+    for index, record in enumerate(dataset.records):
+        sample = dataset[index]
+        assert len(sample["boxes"]) == len(record["boxes"]), record["file_name"]
+        assert len(sample["crowd_boxes"]) == len(record["crowd_boxes"]), record["file_name"]
+
+
+def test_boxes_under_a_pixel_at_the_input_are_dropped_and_counted(
+    synthetic_coco: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A box 2 px wide in a >= 160 px image is under 1 px at 64x64: albumentations' min_width used to
+    drop it from the sample without a word; now the dataset drops it and counts it."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).symlink_to(synthetic_coco / split)
+        shutil.copy(synthetic_coco / "annotations" / f"instances_{split}.json", root / "annotations")
+    gt = annotations(root)
+    image = next(i for i in gt["images"] if i["width"] <= 240)  # at 128x128 the box is >= 1.07 px
+    thin = {"id": 10**6, "image_id": image["id"], "category_id": 3, "bbox": [20.0, 20.0, 2.0, 40.0],
+            "area": 80.0, "iscrowd": 0, "segmentation": [[20, 20, 22, 20, 22, 60, 20, 60]]}  # fmt: skip
+    gt["annotations"].append(thin)
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(gt))
+    dm = datamodule(root, image_size=64)
+    with caplog.at_level(logging.WARNING, logger="tasks.data.coco"):
+        dm.setup("validate")
+    dataset = dm.datasets["val"]
+    assert dataset.num_dropped_boxes == 1
+    assert "instances_val2017.json: dropped 1 degenerate boxes of val2017" in caplog.text
+    assert "at the 64x64 input" in caplog.text
+    _sample_boxes_equal_records(dataset)
+    # At 128x128 the same box is 1.6 px wide: kept, and it reaches the sample.
+    wide = datamodule(root, image_size=SIZE)
+    wide.setup("validate")
+    assert wide.datasets["val"].num_dropped_boxes == 0
+    _sample_boxes_equal_records(wide.datasets["val"])
+
+
+def test_realistic_sub_pixel_box_is_counted(realistic_coco: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dm = datamodule(realistic_coco)
+    with caplog.at_level(logging.WARNING, logger="tasks.data.coco"):
+        dm.setup("validate")
+    assert dm.datasets["val"].num_dropped_boxes == 1  # the 0.6 px wide object of COCO's kind
+    assert "dropped 1 degenerate boxes of val2017" in caplog.text
+    _sample_boxes_equal_records(dm.datasets["val"])
 
 
 # ------------------------------------------------------------------------------- augmentation

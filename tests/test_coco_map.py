@@ -208,3 +208,58 @@ def test_ddp_gathers_all_ranks_and_equals_one_process(val_gt: COCO) -> None:
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
     for result in per_rank:
         assert result == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_results_of_unknown_categories_are_not_scored_as_in_pycocotools(val_gt: COCO, backend: str) -> None:
+    results = hand_made_results(val_gt, seed=4)
+    known = sorted(val_gt.getCatIds())  # 1, 3, 7, 12, 44
+    extra = [dict(r, category_id=2, score=0.99) for r in results[:7]] + [dict(results[0], category_id=999)]
+    mixed = results + extra
+    # pycocotools' COCOeval scores the ground truth's categories only: the extra results change nothing.
+    expected = pycocotools_stats(val_gt, mixed)
+    assert expected.tolist() == pytest.approx(pycocotools_stats(val_gt, results).tolist(), abs=1e-12)
+    summary = evaluate_detections(val_gt, mixed, backend=backend)
+    assert [summary[key] for key in SUMMARY_KEYS] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert summary["unscored_detections"] == 8 and summary["unscored_category_ids"] == [2, 999]
+    assert set(summary["per_class"]) == set(known)
+    clean = evaluate_detections(val_gt, results, backend=backend)
+    assert clean["unscored_detections"] == 0 and clean["unscored_category_ids"] == []
+    # Only unknown categories: nothing to score, no crash.
+    only = evaluate_detections(val_gt, extra, backend=backend)
+    assert only["AP"] == 0.0 and only["unscored_detections"] == 8
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_metric_drops_and_reports_labels_without_a_category(val_gt: COCO) -> None:
+    results = hand_made_results(val_gt, seed=5)
+    label_of, category_of = _label_maps(val_gt)
+    batches = _as_batches(val_gt, results, label_of)
+    # Labels 6 and 30 have no category id (the slots a 91-logit COCO model must never emit):
+    # added to the first image, they are dropped and reported, and the numbers are unchanged.
+    strays = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]] * 3), "scores": torch.tensor([0.9, 0.8, 0.7]),
+              "labels": torch.tensor([6, 30, 30])}  # fmt: skip
+    clean = COCOMeanAveragePrecision(val_gt, category_of, backend="pycocotools")
+    metric = COCOMeanAveragePrecision(val_gt, category_of, backend="pycocotools")
+    for index, (ids, detections) in enumerate(batches):
+        clean.update(ids, detections)
+        if index == 0:
+            detections = [{k: torch.cat([detections[0][k], strays[k]]) for k in strays}, *detections[1:]]
+        metric.update(ids, detections)
+    with pytest.warns(UserWarning, match=r"3 detections have labels without a COCO category id \[6, 30\]"):
+        computed = metric.compute()
+    assert metric.dropped_detections == 3 and metric.dropped_labels == [6, 30]
+    assert computed["unscored_detections"].item() == 3
+    expected = clean.compute()
+    assert expected["unscored_detections"].item() == 0 and clean.dropped_detections == 0
+    assert [computed[key].item() for key in SUMMARY_KEYS] == pytest.approx(
+        [expected[key].item() for key in SUMMARY_KEYS], abs=1e-9
+    )
+    with pytest.warns(UserWarning, match="without a COCO category id"):
+        _, rows = metric.results()
+    assert set(rows[:, 6].astype(int).tolist()) <= set(category_of.values())
+    # Without a label map, labels are category ids: unknown ones reach COCOeval and go unscored.
+    identity = COCOMeanAveragePrecision(val_gt, backend="pycocotools")
+    identity.update(batches[0][0][:1], [{"boxes": strays["boxes"], "scores": strays["scores"],
+                                         "labels": torch.tensor([1, 2, 30])}])  # fmt: skip
+    assert identity.compute()["unscored_detections"].item() == 2

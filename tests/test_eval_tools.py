@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -116,22 +117,92 @@ def test_eval_coco_bad_inputs_fail_with_one_line(
 ) -> None:
     gt_path, results_path = coco_files
     good = json.loads(results_path.read_text())[0]
+    image_id, category_id = good["image_id"], good["category_id"]
+    no_score = {k: v for k, v in good.items() if k != "score"}
+    # Each bad entry comes second, after a good one: the message names entry 1 and the problem.
     cases = {
-        "broken.json": ("{not json", "not valid JSON"),
-        "image.json": ([dict(good, image_id=987654)], "image_id 987654 is not in the ground truth"),
-        "category.json": ([dict(good, category_id=2)], "category_id 2 is not in the ground truth"),
-        "negative.json": ([dict(good, bbox=[1, 2, -3, 4])], "negative or non-finite size"),
-        "nan.json": ('[{"image_id": %d, "category_id": %d, "bbox": [1, 2, 3, 4], "score": NaN}]'
-                     % (good["image_id"], good["category_id"]), "not a finite number"),
-        "dict.json": ({"detections": []}, "expected a JSON list"),
+        "image.json": (dict(good, image_id=987654), "detection 1: image_id 987654 is not in the ground truth"),
+        "negative.json": (dict(good, bbox=[1, 2, 3, -4]), "detection 1: bbox [1, 2, 3, -4] has a negative width or height"),
+        "negative_w.json": (dict(good, bbox=[1, 2, -3, 4]), "negative width or height"),
+        "string_id.json": (dict(good, image_id=str(image_id)), f'detection 1: image_id must be an integer, got "{image_id}" (str)'),
+        "list_id.json": (dict(good, image_id=[image_id]), f"detection 1: image_id must be an integer, got [{image_id}] (list)"),
+        "list_category.json": (dict(good, category_id=[category_id]), "detection 1: category_id must be an integer"),
+        "fraction_id.json": (dict(good, image_id=image_id + 0.5), "detection 1: image_id must be an integer"),
+        "list_score.json": (dict(good, score=[0.5]), "detection 1: score must be a finite number, got [0.5] (list)"),
+        "bool_score.json": (dict(good, score=True), "detection 1: score must be a finite number, got true (bool)"),
+        "bool_bbox.json": (dict(good, bbox=[1, 2, True, 4]), "detection 1: bbox must be [x, y, w, h], four numbers"),
+        "short_bbox.json": (dict(good, bbox=[1, 2, 3]), "detection 1: bbox must be [x, y, w, h], four numbers"),
+        "missing.json": (no_score, "detection 1 has no score (needs image_id, category_id, bbox and score)"),
+        "not_object.json": ([1, 2, 3, 4], "detection 1 is [1, 2, 3, 4], expected an object"),
     }
-    for name, (content, message) in cases.items():
+    raw = {
+        "broken.json": ("{not json", "not valid JSON"),
+        "nan.json": ('[{"image_id": %d, "category_id": %d, "bbox": [1, 2, 3, 4], "score": NaN}]'
+                     % (image_id, category_id), "detection 0: score must be a finite number, got NaN (float)"),
+        "inf_bbox.json": ('[{"image_id": %d, "category_id": %d, "bbox": [1, 2, Infinity, 4], "score": 1}]'
+                          % (image_id, category_id), "detection 0: bbox [1, 2, Infinity, 4] is not finite"),
+        "dict.json": ({"detections": []}, "expected a JSON list"),
+    }  # fmt: skip
+    raw.update({name: ([good, entry], message) for name, (entry, message) in cases.items()})
+    for name, (content, message) in raw.items():
         code, _, stderr = run_in_process(eval_coco.main, gt_path, write(tmp_path, name, content), capsys=capsys)
         assert code == 1, name
         assert f"{tmp_path / name}" in stderr and message in stderr, (name, stderr)
         assert len(stderr.strip().splitlines()) == 1, stderr
     missing = run_tool("eval_coco.py", tmp_path / "nothere.json", results_path)
     assert missing.returncode == 1 and "nothere.json: ground-truth file not found" in missing.stderr
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_eval_coco_counts_unknown_categories_and_scores_as_pycocotools(
+    coco_files: tuple[Path, Path], tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Category 2 is not in the synthetic ground truth (ids 1, 3, 7, 12, 44): pycocotools keeps
+    # such results and never scores them; so does eval_coco, and it says how many there were.
+    gt_path, results_path = coco_files
+    detections = json.loads(results_path.read_text())
+    mixed = detections + [dict(d, category_id=2, score=1.0) for d in detections[:5]]
+    path = write(tmp_path, "mixed.json", mixed)
+    code, out, err = run_in_process(eval_coco.main, gt_path, path, "--backend", backend, "--json", capsys=capsys)
+    assert code == 0, err
+    numbers = json.loads(out)
+    assert numbers["unscored_detections"] == 5 and numbers["unscored_category_ids"] == [2]
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert np.abs(np.array([numbers[k] for k in keys]) - pycocotools_stats(gt_path, path)).max() <= 1e-6
+    code, out, err = run_in_process(eval_coco.main, gt_path, path, "--backend", backend, capsys=capsys)
+    assert code == 0 and "unscored detections (category id not in the ground truth" in out
+    assert out.rstrip().endswith(": 5, category ids [2]")
+
+
+def test_test_tool_writes_only_detections_with_a_category(
+    detection_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # tools/test.py converts labels with the metric validation uses: a label without a category
+    # id (here 9, beyond the 5 classes) is dropped and reported, not a KeyError.
+    from tasks.checkpoints import load_task
+    from tasks.detection import SSDLiteDetection
+    from tools import test as test_tool
+
+    task = load_task(detection_checkpoint, (SSDLiteDetection,))
+    datamodule = test_tool.load_datamodule(detection_checkpoint, num_workers=0, persistent_workers=False)
+    predict_step = task.predict_step
+
+    def with_a_stray_label(batch: dict, batch_idx: int) -> list[dict]:
+        detections = predict_step(batch, batch_idx)
+        first = detections[0]
+        first["boxes"] = torch.cat([first["boxes"], torch.tensor([[1.0, 2.0, 20.0, 30.0]])])
+        first["scores"] = torch.cat([first["scores"], torch.tensor([0.99])])
+        first["labels"] = torch.cat([first["labels"], torch.tensor([9])])
+        return detections
+
+    monkeypatch.setattr(task, "predict_step", with_a_stray_label)
+    with pytest.warns(UserWarning, match=r"detections have labels without a COCO category id \[9\]"):
+        summary = test_tool.test_detection(task, datamodule, tmp_path, "pycocotools")
+    written = json.loads((tmp_path / "detections.json").read_text())
+    categories = set(datamodule.label_to_category_id.values())
+    assert written and {d["category_id"] for d in written} <= categories
+    assert summary["unscored_detections"] == 0 and 0.0 <= summary["AP"] <= 1.0
+    assert "unscored detections" in capsys.readouterr().out
 
 
 def test_eval_coco_empty_detections_warn_and_score_zero(coco_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from tasks.deploy import ExportableDetector, ExportableSegmenter
 from tasks.detection import ssdlite_mobilenetv2
 from tasks.segmentation import deeplabv3_mobilenetv2
 from tools import export
-from tools.checkpoints import load_task
+from tasks.checkpoints import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import subprocess
@@ -16,13 +17,21 @@ from PIL import Image, ImageFilter
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tests.conftest import SYNTHETIC_COCO
+from tasks.data.synthetic import (
+    COCO_2017_CATEGORIES,
+    REALISTIC_COCO_CATEGORY_IDS,
+    REALISTIC_VOC_SBD_EXTRA,
+    REALISTIC_VOC_UNLISTED,
+)
+from tests.conftest import REALISTIC, SYNTHETIC_COCO
 from tools.make_synthetic import (
     COCO_CATEGORY_IDS,
     VOC_CLASSES,
     VOC_PALETTE,
     VOC_SHAPE_CLASSES,
     make_coco,
+    make_realistic_coco,
+    make_realistic_voc,
     make_voc,
 )
 
@@ -41,6 +50,11 @@ def _coco(root: Path, split: str) -> COCO:
         coco = COCO(str(root / "annotations" / f"instances_{split}2017.json"))
         coco.createIndex()
     return coco
+
+
+def _xyxy(box: list[float]) -> list[float]:
+    x, y, w, h = box
+    return [x, y, x + w, y + h]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -95,16 +109,19 @@ def test_coco_has_empty_images_and_crowd_rle(synthetic_coco: Path, split: str) -
             assert all(len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"])
 
 
+@pytest.mark.parametrize("dataset", ["synthetic_coco", "realistic_coco"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_coco_bbox_and_area_agree_with_segmentation(synthetic_coco: Path, split: str) -> None:
-    coco = _coco(synthetic_coco, split)
+def test_coco_bbox_and_area_agree_with_segmentation(request: pytest.FixtureRequest, dataset: str, split: str) -> None:
+    coco = _coco(request.getfixturevalue(dataset), split)
     for a in coco.dataset["annotations"]:
         image = coco.imgs[a["image_id"]]
         x, y, w, h = a["bbox"]
         assert w > 0 and h > 0
         assert x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
         rle = coco.annToRLE(a)
-        assert np.allclose(mask_utils.toBbox(rle), a["bbox"], atol=1.0), a["id"]
+        # Corners within a pixel: the realistic set's boxes are the polygons' extents (as COCO's),
+        # which pixels at the edge cover only partly.
+        assert np.allclose(_xyxy(mask_utils.toBbox(rle)), _xyxy(a["bbox"]), atol=1.0), a["id"]
         assert a["area"] == pytest.approx(float(mask_utils.area(rle)), rel=0.01), a["id"]
         if not a["iscrowd"]:  # the polygon's own extent is the box, as in COCO
             points = np.concatenate([np.reshape(p, (-1, 2)) for p in a["segmentation"]])
@@ -149,9 +166,85 @@ def test_coco_is_deterministic_per_seed(tmp_path: Path) -> None:
     assert other["annotations/instances_train2017.json"] != first["annotations/instances_train2017.json"]
 
 
+def test_plain_sets_are_unchanged(tmp_path: Path) -> None:
+    """The README's convergence numbers were measured on these sets: their annotations and masks
+    must not change (e.g. a new random draw in the shared drawing code would change them)."""
+    coco, voc = make_coco(tmp_path / "coco", seed=3, **TINY), make_voc(tmp_path / "voc", seed=3, **TINY)
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        digest.update((coco / "annotations" / f"instances_{split}2017.json").read_bytes())
+    assert digest.hexdigest() == "2f580a66550c71a6ffeb386365eff1d77b13a2455bcaafbb9f951b7a75294bf5"
+    digest = hashlib.sha256()
+    for path in sorted((voc / "VOCdevkit/VOC2012/SegmentationClass").glob("*.png")):
+        digest.update(np.asarray(Image.open(path)).tobytes())  # decoded: independent of zlib
+    assert digest.hexdigest() == "1edac10c588fa628bb1da7e6f6bccb204a2f1faeb063c1425740a1e0f97a1615"
+
+
 def test_sizes_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_size <= max_size"):
         make_coco(tmp_path, num_train=1, num_val=0, min_size=300, max_size=200)
+
+
+# ------------------------------------------------------------------------------- realistic COCO
+COCO_GAPS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+
+
+def test_realistic_coco_has_coco_2017s_categories(realistic_coco: Path) -> None:
+    from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights
+
+    # torchvision's COCO names, indexed by category id ("N/A" at the 10 unused ids).
+    names = SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"]
+    assert len(COCO_2017_CATEGORIES) == 80
+    for split in ("train", "val"):
+        categories = _load(realistic_coco, split)["categories"]
+        assert [c["id"] for c in categories] == [i for i in range(1, 91) if i not in COCO_GAPS]
+        assert all(names[c["id"]] == c["name"] and c["supercategory"] for c in categories)
+    assert {names[i] for i in COCO_GAPS} == {"N/A"}
+    used = {a["category_id"] for split in ("train", "val") for a in _load(realistic_coco, split)["annotations"]}
+    assert used == set(REALISTIC_COCO_CATEGORY_IDS.values()) and 90 in used
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_realistic_coco_loads_in_pycocotools_without_warnings(realistic_coco: Path, split: str) -> None:
+    coco = _coco(realistic_coco, split)
+    assert len(coco.getImgIds()) == REALISTIC[f"num_{split}"] and len(coco.getCatIds()) == 80
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools decode
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_realistic_coco_quirks(realistic_coco: Path, split: str) -> None:
+    data = _load(realistic_coco, split)
+    assert {"info", "licenses", "images", "annotations", "categories"} <= set(data) and data["licenses"]
+    ids = [im["id"] for im in data["images"]]
+    assert ids != sorted(ids), "images should not be listed in id order"
+    assert sorted(ids) != list(range(1, len(ids) + 1)) and min(ids) > len(ids)
+    modes = {}
+    for im in data["images"]:
+        assert im["file_name"] in (f"{im['id']:012d}.jpg", f"{im['id']:012d}.png")
+        with Image.open(realistic_coco / f"{split}2017" / im["file_name"]) as image:
+            assert image.size == (im["width"], im["height"]) and max(image.size) <= 256
+            modes[image.mode] = image.format
+    assert modes == {"RGB": "JPEG", "L": "JPEG", "CMYK": "JPEG", "RGBA": "PNG"}
+    annotated = {a["image_id"] for a in data["annotations"]}
+    assert set(ids) - annotated, "no image without annotations"
+    crowds = [a for a in data["annotations"] if a["iscrowd"]]
+    assert {type(a["segmentation"]["counts"]) for a in crowds} == {list, str}  # both RLE forms
+    assert all(a["id"] > 2**32 for a in crowds)  # as COCO's crowd annotation ids
+    coco = _coco(realistic_coco, split)
+    for a in crowds:  # both forms decode to the region their box gives
+        mask = coco.annToMask(a)
+        ys, xs = np.nonzero(mask)
+        np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()], a["bbox"])
+        assert mask.sum() == a["area"]
+    objects = [a for a in data["annotations"] if not a["iscrowd"]]
+    assert all(isinstance(a["segmentation"], list) and a["segmentation"] for a in objects)
+    assert any(a["bbox"][2] < 1 for a in objects), "no box narrower than a pixel"
+
+
+def test_realistic_coco_is_deterministic_per_seed(tmp_path: Path) -> None:
+    first = _files(make_realistic_coco(tmp_path / "a", seed=3, **TINY))
+    assert first == _files(make_realistic_coco(tmp_path / "b", seed=3, **TINY))
+    assert first != _files(make_realistic_coco(tmp_path / "c", seed=4, **TINY))
 
 
 # --------------------------------------------------------------------------------------------- VOC
@@ -177,12 +270,14 @@ def test_voc_split_files_list_existing_pairs(synthetic_voc: Path) -> None:
         assert (voc / "SegmentationClass" / f"{stem}.png").is_file()
 
 
-def test_voc_masks_are_palette_pngs_with_void_borders(synthetic_voc: Path) -> None:
-    voc = synthetic_voc / "VOCdevkit/VOC2012"
+@pytest.mark.parametrize("dataset", ["synthetic_voc", "realistic_voc"])
+def test_voc_masks_are_palette_pngs_with_void_borders(request: pytest.FixtureRequest, dataset: str) -> None:
+    root = request.getfixturevalue(dataset)
+    voc = root / "VOCdevkit/VOC2012"
     allowed = {0, 255, *VOC_SHAPE_CLASSES.values()}
     seen: set[int] = set()
     void = objects = 0
-    for stem in _voc_stems(synthetic_voc, "trainval"):
+    for stem in _voc_stems(root, "trainval"):
         with Image.open(voc / "SegmentationClass" / f"{stem}.png") as mask, Image.open(
             voc / "JPEGImages" / f"{stem}.jpg"
         ) as image:
@@ -201,6 +296,45 @@ def test_voc_masks_are_palette_pngs_with_void_borders(synthetic_voc: Path) -> No
         objects += int(obj.sum())
     assert seen == allowed
     assert void < objects / 2, "void borders should be thin"  # ~4 px
+
+
+def _train_aug_stems(root: Path) -> list[str]:
+    lines = (root / "VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt").read_text().splitlines()
+    stems = [Path(line.split()[0]).stem for line in lines]
+    assert lines == [f"/JPEGImages/{stem}.jpg /SegmentationClassAug/{stem}.png" for stem in stems]
+    return stems
+
+
+def test_realistic_voc_splits_and_sbd(realistic_voc: Path) -> None:
+    voc = realistic_voc / "VOCdevkit/VOC2012"
+    train, val = _voc_stems(realistic_voc, "train"), _voc_stems(realistic_voc, "val")
+    assert len(train) == REALISTIC["num_train"] and len(val) == REALISTIC["num_val"]
+    assert train == sorted(train) and val == sorted(val) and not set(train) & set(val)
+    assert max(train) > min(val) and max(val) > min(train), "train and val ids should interleave"
+    assert _voc_stems(realistic_voc, "trainval") == sorted(train + val)
+    assert len({stem[:4] for stem in train + val}) > 1  # several VOC years
+    aug = _train_aug_stems(realistic_voc)
+    sbd_only = set(aug) - set(train)
+    assert aug == sorted(aug) and set(train) <= set(aug) and not set(aug) & set(val)
+    assert len(sbd_only) == REALISTIC_VOC_SBD_EXTRA
+    jpegs = {p.stem for p in (voc / "JPEGImages").glob("*.jpg")}
+    assert len(jpegs - set(aug) - set(val)) == REALISTIC_VOC_UNLISTED  # detection-only images
+    for stem in aug + val:  # SBD's conversion: grey 'L' class-index PNGs
+        with Image.open(voc / "SegmentationClassAug" / f"{stem}.png") as mask:
+            assert mask.mode == "L"
+            labels = np.asarray(mask)
+        assert set(np.unique(labels).tolist()) <= {0, 255, *VOC_SHAPE_CLASSES.values()}
+        if stem in sbd_only:
+            assert not (voc / "SegmentationClass" / f"{stem}.png").exists() and 255 not in labels
+        else:  # VOC's own labels, void included, as indices
+            with Image.open(voc / "SegmentationClass" / f"{stem}.png") as palette:
+                assert np.array_equal(np.asarray(palette), labels) and 255 in labels
+
+
+def test_realistic_voc_is_deterministic_per_seed(tmp_path: Path) -> None:
+    first = _files(make_realistic_voc(tmp_path / "a", seed=3, **TINY))
+    assert first == _files(make_realistic_voc(tmp_path / "b", seed=3, **TINY))
+    assert first != _files(make_realistic_voc(tmp_path / "c", seed=4, **TINY))
 
 
 def test_voc_loads_in_torchvision(synthetic_voc: Path) -> None:
@@ -236,6 +370,15 @@ def test_cli_writes_both_formats_and_summarises(tmp_path: Path) -> None:
     assert "train2017: 2 images" in result.stdout and "val: 1 images" in result.stdout
     assert len(_load(tmp_path / "coco", "val")["images"]) == 1
     assert _voc_stems(tmp_path / "voc", "train") == ["2007_000001", "2007_000002"]
+
+
+def test_cli_realistic(tmp_path: Path) -> None:
+    result = _cli("--out", str(tmp_path), "--realistic")
+    assert result.returncode == 0, result.stderr
+    assert "train2017: 16 images" in result.stdout and "80 categories, objects of 5" in result.stdout
+    assert "train_aug: 24 images" in result.stdout
+    assert len(_load(tmp_path / "coco", "train")["categories"]) == 80
+    assert _train_aug_stems(tmp_path / "voc")
 
 
 def test_cli_rejects_bad_sizes(tmp_path: Path) -> None:

@@ -111,6 +111,28 @@ def test_poly_schedule_and_weight_decay_groups() -> None:
     assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3]
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "world_size", "accumulate", "expected"),
+    [(16, 1, 1, 0.007), (2, 8, 1, 0.007), (8, 1, 1, 0.0035), (4, 2, 4, 0.014)],
+)
+def test_lr_scales_with_the_effective_batch(batch_size: int, world_size: int, accumulate: int, expected: float) -> None:
+    # A DataModule that keeps batch_size only in its hparams works too.
+    data = type("Data", (), {"hparams": {"batch_size": batch_size}})()
+    trainer = type(
+        "Trainer", (), {"datamodule": data, "world_size": world_size, "accumulate_grad_batches": accumulate}
+    )()
+    task = DeepLabV3Segmentation(width_mult=0.35, lr=0.007, lr_reference_batch=16, max_steps=10)
+    task._trainer = trainer
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert [group["initial_lr"] for group in optimizer.param_groups] == pytest.approx([expected] * 2)
+    task = DeepLabV3Segmentation(width_mult=0.35, lr=0.007, max_steps=10)  # no reference: as given
+    task._trainer = trainer
+    assert task.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(0.007)
+    for config, reference in ((VOC_CONFIG, 16), (SYNTHETIC_CONFIG, 8)):
+        text = config.read_text()
+        assert f"lr_reference_batch: {reference}" in text and f"batch_size: {reference}\n" in text
+
+
 def bn_layers(task: DeepLabV3Segmentation) -> list[_BatchNorm]:
     return [m for m in task.model.modules() if isinstance(m, _BatchNorm)]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,3 +291,132 @@ def test_backbone_maps_by_name_only() -> None:
     with torch.no_grad():
         outputs = head(backbone(torch.zeros(1, 3, 160, 160)))
     assert outputs["cls_logits"].shape == (1, head.num_anchors((160, 160)), 3)
+
+
+# --------------------------------------------------------------------------- valid label slots
+# COCO's 80 category ids in 1..90: the 10 ids it never uses are slots without a category.
+COCO_UNUSED_IDS = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+COCO_IDS = [i for i in range(1, 91) if i not in COCO_UNUSED_IDS]
+
+
+@pytest.mark.parametrize("loss_type", ["hard_negative_mining", "focal"])
+def test_unused_label_slots_are_never_emitted(loss_type: str) -> None:
+    head = SSDLiteHead(
+        {"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=91, loss_type=loss_type
+    )
+    head.set_valid_labels(COCO_IDS)
+    assert head.valid_labels.sum().item() == 81 and head.valid_labels[0]  # 80 classes + background
+    assert not head.valid_labels[COCO_UNUSED_IDS].any()
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 100, 91, generator=generator)
+    logits[..., COCO_UNUSED_IDS] += 8.0  # random logits that favour the unused ids
+    outputs = {"cls_logits": logits, "bbox_regression": torch.zeros(2, 100, 4), "anchors": _grid_anchors()}
+    assert head.scores(logits)[..., [i - 1 for i in COCO_UNUSED_IDS]].eq(0).all()
+    # Without the mask the top detections are exactly those ids (what crashed COCO evaluation).
+    unmasked = SSDLiteHead(
+        {"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=91, loss_type=loss_type
+    ).postprocess(outputs, [(300, 300)] * 2)
+    assert set(unmasked[0]["labels"][:10].tolist()) <= set(COCO_UNUSED_IDS)
+    for result in head.postprocess(outputs, [(300, 300)] * 2):
+        assert len(result["labels"]) == 100
+        assert set(result["labels"].tolist()) <= set(COCO_IDS)
+    # The same on the flat tensors exports run.
+    _, _, labels, _ = head.detections(outputs, torch.tensor([[300, 300]] * 2))
+    assert not torch.isin(labels, torch.tensor(COCO_UNUSED_IDS)).any()
+
+
+def _remapped(outputs: dict[str, torch.Tensor], valid: list[int]) -> dict[str, torch.Tensor]:
+    """The outputs of a head whose classes are only ``valid`` (background first), renumbered."""
+    return dict(outputs, cls_logits=outputs["cls_logits"][..., [0, *valid]])
+
+
+@pytest.mark.parametrize("loss_type", ["hard_negative_mining", "focal"])
+def test_loss_ignores_the_logits_of_invalid_slots(loss_type: str) -> None:
+    valid = [1, 3, 4]  # labels 2 and 5 have no category
+    head = SSDLiteHead(
+        {"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=6, loss_type=loss_type
+    )
+    head.set_valid_labels(valid)
+    anchors = _grid_anchors()
+    outputs = _outputs(2, anchors, num_classes=6)
+    targets = [
+        {"boxes": anchors[[0, 55]].clone(), "labels": torch.tensor([1, 4])},
+        {"boxes": anchors[[99]].clone(), "labels": torch.tensor([3])},
+    ]
+    losses = head.loss(outputs, targets)
+    # Softmax over the valid classes only: the loss of a head with just those classes.
+    reduced = SSDLiteHead(
+        {"c4_expand": FeatureSpec(8, 16), "final_conv": FeatureSpec(8, 32)}, num_classes=4, loss_type=loss_type
+    )
+    renumber = torch.zeros(6, dtype=torch.int64)
+    renumber[valid] = torch.arange(1, len(valid) + 1)
+    reduced_targets = [dict(t, labels=renumber[t["labels"]]) for t in targets]
+    expected = reduced.loss(_remapped(outputs, valid), reduced_targets)
+    for key in ("loss_cls", "loss_box"):
+        assert losses[key].item() == pytest.approx(expected[key].item(), rel=1e-6), key
+    # Whatever the invalid logits are, the loss does not change and they get no gradient.
+    changed = dict(outputs, cls_logits=outputs["cls_logits"].detach().clone())
+    changed["cls_logits"][..., [2, 5]] = torch.randn(2, 100, 2) * 50
+    changed["cls_logits"].requires_grad_(True)
+    again = head.loss(changed, targets)
+    assert again["loss_cls"].item() == pytest.approx(losses["loss_cls"].item(), rel=1e-6)
+    again["loss_cls"].backward()
+    grad = changed["cls_logits"].grad
+    assert torch.isfinite(grad).all() and grad[..., [2, 5]].eq(0).all() and grad[..., valid].abs().sum() > 0
+
+
+def test_valid_labels_are_checked_and_survive_state_dicts() -> None:
+    head = _head()
+    with pytest.raises(ValueError, match="1..3"):
+        head.set_valid_labels([1, 4])
+    with pytest.raises(ValueError, match="non-empty"):
+        head.set_valid_labels([])
+    head.set_valid_labels({2: 7})  # a {label: category id} map: its labels
+    assert head.valid_labels.tolist() == [True, False, True, False]
+    state = head.state_dict()
+    assert state["valid_labels"].tolist() == [True, False, True, False]  # persistent: in checkpoints
+    fresh = _head()
+    fresh.load_state_dict(state)
+    assert fresh.valid_labels.tolist() == [True, False, True, False]
+    # A state dict written before the buffer existed loads strictly: every label stays valid.
+    old = {k: v for k, v in state.items() if k != "valid_labels"}
+    older = _head()
+    older.load_state_dict(old)
+    assert older.valid_labels.all()
+    assert "valid_labels" not in old  # the caller's dict is left as it was
+    with pytest.raises(ValueError, match="score_threshold"):
+        _head(score_threshold=-0.1)
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_exported_detector_keeps_the_label_mask(export_format: str, tmp_path: Path) -> None:
+    from tasks.deploy import ExportableDetector
+    from tools import export
+
+    torch.manual_seed(0)
+    model = ssdlite_mobilenetv2(num_classes=91, width_mult=0.35).eval()
+    model.head.set_valid_labels(COCO_IDS)
+    with torch.no_grad():  # decisive scores that favour the unused ids, as in the test above
+        for predictor in model.head.cls_predictors:
+            predictor[-1].weight.mul_(30)
+            predictor[-1].bias.view(-1, 91)[:, COCO_UNUSED_IDS] += 5.0
+    module = ExportableDetector(model).eval()
+    path = tmp_path / f"det.{'onnx' if export_format == 'onnx' else 'pt'}"
+    if export_format == "onnx":
+        export.export_onnx(module, torch.randn(1, 3, 128, 128), path, dynamic_size=False)
+    else:
+        export.export_torchscript(module, torch.randn(1, 3, 128, 128), path)
+    run = export.load_runner(path, export_format, threads=1)
+    report = export.verify(module, run, torch.randn(2, 3, 128, 128))
+    assert report["detections_matched"] >= 0.99 and report["detections"] > 0
+    _, _, labels, _ = run(torch.randn(2, 3, 128, 128).numpy())
+    assert len(labels) > 0 and not np.isin(labels, COCO_UNUSED_IDS).any()
+
+
+def test_head_batchnorm_is_torchvisions_and_the_backbone_keeps_its_own() -> None:
+    model = ssdlite_mobilenetv2(num_classes=6, width_mult=0.35)
+    head_bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm2d)]
+    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(head_bns) == 4 * 3 + 2 * 6  # extra layers 4 x 3, predictors (cls, box) x 6 maps
+    assert all((bn.eps, bn.momentum) == (1e-3, 0.03) for bn in head_bns)
+    assert backbone_bns and all((bn.eps, bn.momentum) == (1e-5, 0.1) for bn in backbone_bns)

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from tasks.data.coco import COCODetectionDataModule
 from tasks.detection import SSDLiteDetection
+from tasks.inference import Predictor
 from tasks.segmentation import DeepLabV3Segmentation
-from tools.checkpoints import load_task
+from tasks.checkpoints import load_task
+from tools import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +84,49 @@ def test_predict_draws_pictures_for_both_tasks(
         assert picture.height == original.height and picture.width > original.width  # legend on the right
 
 
+def validation_detections(checkpoint: Path, root: Path) -> dict[int, dict]:
+    """Detections of the val split through validation's path: DataModule loader, transfer hook,
+    the task's predict_step (one image per batch)."""
+    task = load_task(checkpoint)
+    data = COCODetectionDataModule(
+        str(root), image_size=task.image_size, eval_batch_size=1, num_workers=0, persistent_workers=False
+    )
+    data.setup("validate")
+    found = {}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            for detection in task.predict_step(data.on_after_batch_transfer(batch, 0), 0):
+                found[detection["image_id"]] = detection
+    return found
+
+
+def test_predict_gives_the_detections_validation_scores(
+    detection_checkpoint: Path, synthetic_coco: Path, tmp_path: Path
+) -> None:
+    expected = validation_detections(detection_checkpoint, synthetic_coco)
+    images = sorted((synthetic_coco / "val2017").glob("*.jpg"))
+    assert len(images) == len(expected) >= 5
+
+    predictor = Predictor.from_checkpoint(detection_checkpoint)
+    for image in images:
+        got, want = predictor(image), expected[int(image.stem)]
+        assert len(want["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(got[key], want[key]), (image.name, key)
+
+    predict.main([str(detection_checkpoint), *map(str, images), "--out", str(tmp_path), "--score-threshold", "0"])
+    rows = json.loads((tmp_path / "predictions.json").read_text())
+    to_category = {1: 1, 2: 3, 3: 7, 4: 12, 5: 44}
+    for image in images:
+        want = expected[int(image.stem)]
+        mine = [r for r in rows if r["image_id"] == int(image.stem)]
+        assert [r["category_id"] for r in mine] == [to_category[int(label)] for label in want["labels"]]
+        assert [r["score"] for r in mine] == pytest.approx(want["scores"].tolist(), abs=1e-6)
+        xywh = want["boxes"].clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        assert [v for r in mine for v in r["bbox"]] == pytest.approx(xywh.flatten().tolist(), abs=1e-4)
+
+
 def test_tools_reject_bad_checkpoints_and_images(
     detection_checkpoint: Path, segmentation_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -95,6 +142,32 @@ def test_tools_reject_bad_checkpoints_and_images(
     bad_image = tmp_path / "bad.jpg"
     bad_image.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     result = run_tool("predict.py", detection_checkpoint, bad_image, "--out", tmp_path / "out")
-    assert result.returncode == 1 and "bad.jpg: cannot read image" in result.stderr
+    assert result.returncode == 1 and "none of the 1 images could be read" in result.stderr
+    assert "bad.jpg: corrupt or truncated image" in result.stdout + result.stderr
     result = run_tool("test.py", tmp_path / "missing.ckpt")
     assert result.returncode == 1 and "missing.ckpt: checkpoint not found" in result.stderr
+
+
+def test_predict_writes_predictions_skips_unreadable_images_and_caps_huge_inputs(
+    detection_checkpoint: Path, segmentation_checkpoint: Path, synthetic_coco: Path, tmp_path: Path
+) -> None:
+    source = sorted((synthetic_coco / "val2017").glob("*.jpg"))[0]
+    for folder in ("a", "b"):  # two inputs with one name
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "photo.jpg").write_bytes(source.read_bytes())
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image")
+    result = run_tool("predict.py", detection_checkpoint, tmp_path / "a", tmp_path / "b", "--out", tmp_path / "det")
+    assert result.returncode == 0, result.stderr
+    assert "broken.jpg: not a readable image" in result.stdout + result.stderr
+    assert sorted(p.name for p in (tmp_path / "det").glob("photo*.png")) == ["photo.png", "photo_1.png"]
+    rows = json.loads((tmp_path / "det" / "predictions.json").read_text())
+    assert {r["file_name"] for r in rows} == {str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "b" / "photo.jpg")}
+
+    huge = tmp_path / "huge.png"
+    with Image.open(source) as image:
+        image.convert("RGB").resize((900, 700)).save(huge)
+    result = run_tool("predict.py", segmentation_checkpoint, huge, "--out", tmp_path / "seg", "--max-size", "160")
+    assert result.returncode == 0, result.stderr
+    assert "huge.png: 900x700 segmented at 160x124 (--max-size)" in result.stdout + result.stderr
+    with Image.open(tmp_path / "seg" / "labels" / "huge.png") as labels:
+        assert labels.size == (900, 700) and labels.mode == "P"

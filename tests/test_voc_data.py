@@ -183,14 +183,52 @@ def test_each_worker_draws_its_own_augmentations(synthetic_voc: Path) -> None:
     assert not torch.equal(first, second)
 
 
-def test_synthetic_data_is_written_only_when_missing(
+def test_synthetic_data_is_written_only_when_missing_and_allowed(
     synthetic_voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tasks.data.synthetic
 
     calls: list[Path] = []
     monkeypatch.setattr(tasks.data.synthetic, "make_voc", lambda root: calls.append(Path(root)))
-    VOCSegmentationDataModule(str(tmp_path / "new"), synthetic=True).prepare_data()
-    VOCSegmentationDataModule(str(synthetic_voc), synthetic=True).prepare_data()
+    monkeypatch.chdir(tmp_path)  # the default root data/synthetic/voc is relative to the working directory
+    VOCSegmentationDataModule("data/synthetic/voc", synthetic=True).prepare_data()  # the config's default
+    typo = VOCSegmentationDataModule(str(tmp_path / "new"), synthetic=True)
+    typo.prepare_data()  # a mistyped root: not written ...
+    VOCSegmentationDataModule(str(tmp_path / "new"), synthetic=True, write_synthetic=True).prepare_data()
+    VOCSegmentationDataModule(str(synthetic_voc), synthetic=True, write_synthetic=True).prepare_data()  # there
     VOCSegmentationDataModule(str(tmp_path / "other")).prepare_data()
-    assert calls == [tmp_path / "new"]
+    assert calls == [Path("data/synthetic/voc"), tmp_path / "new"]
+    with pytest.raises(FileNotFoundError, match=r"new: no PASCAL VOC 2012 found .*; data.synthetic writes the synthetic set only at data/synthetic/voc; add --data.write_synthetic true"):
+        typo.setup("fit")  # ... but "not found", saying how to write it there
+    with pytest.raises(FileNotFoundError, match=r"other: no PASCAL VOC 2012 found \(expected [^;]*\)$"):
+        VOCSegmentationDataModule(str(tmp_path / "other")).setup("validate")
+
+
+# ------------------------------------------------------------------------- the real datasets' quirks
+def test_realistic_train_split_is_sbd_train_aug(realistic_voc: Path) -> None:
+    module = VOCSegmentationDataModule(str(realistic_voc), crop_size=33, batch_size=4, num_workers=0)
+    assert module.resolve_train_split() == "train_aug"
+    module.setup("fit")
+    listed = (realistic_voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt").read_text().splitlines()
+    assert module.train_dataset.ids == [Path(line.split()[0]).stem for line in listed]
+    assert module.train_dataset.mask_dir.name == "SegmentationClassAug"
+    assert module.val_dataset.mask_dir.name == "SegmentationClass" and module.val_dataset.split == "val"
+    allowed = {0, 255, *VOC_SHAPE_CLASSES.values()}
+    for index in range(len(module.train_dataset)):  # 'L' masks, SBD-only ones included, all readable
+        sample = module.train_dataset[index]
+        assert sample["image"].shape == (3, 33, 33) and set(sample["mask"].unique().tolist()) <= allowed
+
+
+def test_realistic_void_stays_ignore(realistic_voc: Path) -> None:
+    module = VOCSegmentationDataModule(str(realistic_voc), crop_size=65, batch_size=2, num_workers=0)
+    module.setup("validate")
+    assert module.ignore_index == 255
+    voc = realistic_voc / "VOCdevkit/VOC2012"
+    for batch in module.val_dataloader():
+        (image_id,), (height, width) = batch["image_ids"], batch["image_sizes"][0]
+        with Image.open(voc / "SegmentationClass" / f"{image_id}.png") as mask:
+            assert mask.mode == "P"
+            expected = np.asarray(mask)
+        labels = batch["masks"][0, :height, :width].numpy()
+        assert np.array_equal(labels, expected) and (labels == 255).any()  # void borders, as they are
+        assert batch["images"].shape[1] == 3

@@ -6,6 +6,10 @@
 "bbox": [x, y, w, h], "score"}`` in original-image pixels. The numbers are those of the official
 ``pycocotools.COCOeval`` (``--backend pycocotools``); ``faster`` (faster-coco-eval) computes the
 same numbers in a fraction of the time and is the default (``auto``) when installed.
+
+The results file is checked entry by entry first (a bad entry is one line naming its index and
+the problem). Detections whose ``category_id`` is not in the ground truth are not scored, as
+COCOeval does; the report ends with their count (``unscored_detections`` with ``--json``).
 """
 
 from __future__ import annotations
@@ -57,38 +61,71 @@ def check_ground_truth(path: Path, dataset: Any) -> None:
         raise ValueError(f"{path}: not a COCO annotation file (needs images, annotations, categories)")
 
 
+REQUIRED_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float from JSON; ``true``/``false`` are not numbers (Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` as the JSON file spells it (NaN, Infinity, true, "5"), shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_detections(path: Path, detections: Any, ground_truth: dict[str, Any]) -> list[dict[str, Any]]:
-    """Validate a COCO results list against the ground truth; errors name the file and the entry."""
+    """Validate a COCO results list as strictly as the training data; errors name the file and entry.
+
+    Each entry needs an integer ``image_id`` of the ground truth, an integer ``category_id``,
+    ``bbox`` ``[x, y, w, h]`` of four finite numbers with ``w, h >= 0`` and a finite number
+    ``score`` (booleans, strings and lists are refused). A ``category_id`` that the ground truth
+    does not have is allowed: COCOeval does not score it, and the summary counts it.
+    """
     if not isinstance(detections, list):
         raise ValueError(f"{path}: expected a JSON list of detections, got {type(detections).__name__}")
     image_ids = {image["id"] for image in ground_truth["images"]}
-    category_ids = {category["id"] for category in ground_truth["categories"]}
     for index, detection in enumerate(detections):
         where = f"{path}: detection {index}"
-        if not isinstance(detection, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(detection):
-            raise ValueError(f"{where} needs image_id, category_id, bbox and score")
+        if not isinstance(detection, dict):
+            raise ValueError(
+                f"{where} is {_shown(detection)}, expected an object with image_id, category_id, bbox and score"
+            )
+        missing = [key for key in REQUIRED_KEYS if key not in detection]
+        if missing:
+            raise ValueError(f"{where} has no {', '.join(missing)} (needs image_id, category_id, bbox and score)")
+        for key in ("image_id", "category_id"):
+            value = detection[key]
+            if not (_is_number(value) and math.isfinite(value) and float(value).is_integer()):
+                raise ValueError(f"{where}: {key} must be an integer, got {_shown(value)} ({type(value).__name__})")
         bbox, score = detection["bbox"], detection["score"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            raise ValueError(f"{where}: bbox must be [x, y, w, h] numbers, got {bbox}")
-        if not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(f"{where}: bbox {bbox} has a negative or non-finite size")
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError(f"{where}: score {score} is not a finite number")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], four numbers, got {_shown(bbox)}")
+        if not all(math.isfinite(v) for v in bbox):
+            raise ValueError(f"{where}: bbox {_shown(bbox)} is not finite")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ValueError(f"{where}: bbox {_shown(bbox)} has a negative width or height")
+        if not _is_number(score) or not math.isfinite(score):
+            raise ValueError(f"{where}: score must be a finite number, got {_shown(score)} ({type(score).__name__})")
         if detection["image_id"] not in image_ids:
             raise ValueError(f"{where}: image_id {detection['image_id']} is not in the ground truth")
-        if detection["category_id"] not in category_ids:
-            raise ValueError(f"{where}: category_id {detection['category_id']} is not in the ground truth")
     return detections
 
 
 def format_report(summary: dict[str, Any], category_names: dict[int, str]) -> str:
-    """COCOeval's 12 summary lines, then a per-class AP table."""
+    """COCOeval's 12 summary lines, a per-class AP table, then the count of unscored detections."""
     lines = [f" {line} = {summary[key]:.3f}" for line, key in zip(SUMMARY_LINES, SUMMARY_KEYS)]
     width = max(len(name) for name in category_names.values()) + 2
     lines += ["", f"{'id':>4}  {'class':<{width}}{'AP':>7}", "-" * (width + 13)]
     for category_id, ap in summary["per_class"].items():
         shown = "-" if ap < 0 else f"{ap:.3f}"
         lines.append(f"{category_id:>4}  {category_names[category_id]:<{width}}{shown:>7}")
+    unscored = summary.get("unscored_detections", 0)
+    ids = summary.get("unscored_category_ids", [])
+    lines += ["", f"unscored detections (category id not in the ground truth, ignored as by COCOeval): {unscored}"]
+    if ids:
+        lines[-1] += f", category ids {ids}"
     return "\n".join(lines)
 
 
@@ -120,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output["per_class"] = [
             {"category_id": cid, "name": names[cid], "AP": ap} for cid, ap in summary["per_class"].items()
         ]
+        output["unscored_detections"] = summary["unscored_detections"]
+        output["unscored_category_ids"] = summary["unscored_category_ids"]
         print(json.dumps(output))
     else:
         print(format_report(summary, names))

@@ -32,7 +32,7 @@ from tasks.deploy import DETECTION_OUTPUTS, ExportableDetector, ExportableSegmen
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools.benchmark import timed_runs  # noqa: E402
-from tools.checkpoints import load_task  # noqa: E402
+from tasks.checkpoints import load_task  # noqa: E402
 
 
 def onnx_opset() -> int:

@@ -1,32 +1,33 @@
-"""Draw a trained model's predictions on images: boxes with names and scores, or colour masks.
+"""Draw a trained model's predictions on images and save them as files.
 
     python tools/predict.py CHECKPOINT IMAGE_OR_FOLDER [...] --out runs/predict [--score-threshold 0.3]
 
-Works with checkpoints of both tasks (``tools/train.py`` writes them). Detection draws boxes with
-"class score" tags; segmentation blends the predicted classes over the image with a legend.
-One picture per input goes to ``--out`` (``NAME.png``), plus ``grid.png`` with all of them.
+Works with checkpoints of both tasks (``tools/train.py`` writes them) and runs validation's own
+preprocessing and inference (:mod:`tasks.inference`), so the pictures show what validation scores.
+Writes to ``--out``: one picture per input (``NAME.png``; ``NAME_1.png``... when inputs share a
+name), ``grid.png`` with all of them, and the predictions: ``predictions.json`` (detection, COCO
+results format plus ``file_name``) or ``labels/NAME.png`` palette label maps (segmentation).
+Unreadable images are skipped with a warning. In Python::
+
+    from tasks.inference import Predictor
+    prediction = Predictor.from_checkpoint("last.ckpt")("street.jpg")
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tasks.data.detection_transforms import normalize_images  # noqa: E402
-from tasks.data.voc import VOC_CLASSES  # noqa: E402
-from tasks.deploy import optimize_for_inference  # noqa: E402
-from tasks.detection import SSDLiteDetection  # noqa: E402
-from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
-from tools.checkpoints import load_task  # noqa: E402
-from tools.drawing import draw_detections, draw_segmentation, grid  # noqa: E402
+from tasks.data.files import UnreadableSampleError, read_rgb  # noqa: E402
+from tasks.drawing import grid, label_png  # noqa: E402
+from tasks.inference import DEFAULT_MAX_SIZE, Predictor, detections_as_coco_results  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -46,56 +47,20 @@ def image_paths(inputs: Sequence[Path]) -> list[Path]:
     return paths
 
 
-def read_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path}: cannot read image ({error})") from error
-
-
-def to_batch(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A normalised ``[1, 3, H, W]`` tensor, resized to ``size`` (H, W) when given."""
-    if size is not None:
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
-    return normalize_images(array)
-
-
-def class_names(task: torch.nn.Module, count: int) -> list[str]:
-    """Names by label: saved in the checkpoint (detection), VOC's for 21 classes, else numbers."""
-    saved = getattr(task, "class_names", None) or {}
-    if not saved and isinstance(task, DeepLabV3Segmentation) and count == len(VOC_CLASSES):
-        return list(VOC_CLASSES)
-    names = dict(enumerate(saved)) if isinstance(saved, (list, tuple)) else dict(saved)
-    return [names.get(label, str(label)) for label in range(count)]
-
-
-@torch.no_grad()
-def predict_pictures(
-    task: SSDLiteDetection | DeepLabV3Segmentation, paths: Sequence[Path], score_threshold: float = 0.3
-) -> Iterator[tuple[Path, Image.Image]]:
-    """Yield (input path, picture of its prediction) for each image."""
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Output names: each input's stem, with ``_1``, ``_2``... when stems repeat (a/x.jpg, b/x.jpg)."""
+    seen: dict[str, int] = {}
+    stems = []
     for path in paths:
-        image = read_rgb(path)
-        height, width = image.height, image.width
-        if isinstance(task, SSDLiteDetection):
-            batch = to_batch(image, (task.image_size, task.image_size))
-            detection = task.model.detect(batch, [(height, width)])[0]
-            names = class_names(task, task.hparams.num_classes)
-            picture = draw_detections(
-                image,
-                detection["boxes"].numpy(),
-                detection["labels"].tolist(),
-                detection["scores"].tolist(),
-                names,
-                score_threshold=score_threshold,
-            )
-        else:
-            probs = task.predict_probs(to_batch(image))
-            mask = probs.argmax(dim=1)[0].numpy()
-            picture = draw_segmentation(image, mask, class_names(task, task.hparams.num_classes))
-        yield path, picture
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        stems.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return stems
+
+
+def coco_image_id(path: Path) -> int | str:
+    """COCO's convention: ``000000000139.jpg`` is image 139; other names keep their stem."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -105,23 +70,50 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, default=Path("runs/predict"), help="folder for the pictures")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="detection: hide weaker boxes")
     parser.add_argument("--limit", type=int, help="at most this many images")
+    parser.add_argument(
+        "--max-size", type=int, default=DEFAULT_MAX_SIZE,
+        help="segmentation: longest side the network sees (larger images are scaled down and back)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        task = load_task(args.checkpoint, (SSDLiteDetection, DeepLabV3Segmentation))
-        task.model = optimize_for_inference(task.model)  # BatchNorm folded, channels-last
+        predictor = Predictor.from_checkpoint(args.checkpoint, max_size=args.max_size)
         paths = image_paths(args.inputs)[: args.limit]
-        args.out.mkdir(parents=True, exist_ok=True)
-        written, pictures = [], []
-        for path, picture in predict_pictures(task, paths, args.score_threshold):
-            target = args.out / f"{path.stem}.png"
-            picture.save(target)
-            written.append(target)
-            pictures.append(picture)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    to_category = getattr(predictor.task, "label_to_category_id", None) or None
+    written, pictures, results = [], [], []
+    for path, stem in zip(tqdm(paths, desc="predict", unit="image"), unique_stems(paths)):
+        try:
+            image = read_rgb(path)
+        except UnreadableSampleError as error:
+            tqdm.write(f"warning: {error}; skipped")
+            continue
+        prediction = predictor(image)
+        picture = predictor.draw(image, prediction, score_threshold=args.score_threshold)
+        if "boxes" in prediction:
+            rows = detections_as_coco_results(coco_image_id(path), prediction, to_category)
+            results += [{**row, "file_name": str(path)} for row in rows]
+            if not (prediction["scores"] >= args.score_threshold).any():
+                tqdm.write(f"{path}: no box scored {args.score_threshold} or more")
+        else:
+            (args.out / "labels").mkdir(exist_ok=True)
+            label_png(prediction["labels"].numpy()).save(args.out / "labels" / f"{stem}.png")
+            if tuple(prediction["inference_size"]) != image.shape[:2]:
+                height, width = prediction["inference_size"]
+                tqdm.write(f"{path}: {image.shape[1]}x{image.shape[0]} segmented at {width}x{height} (--max-size)")
+        target = args.out / f"{stem}.png"
+        picture.save(target)
+        written.append(target)
+        pictures.append(picture)
+    if not written:
+        print(f"error: none of the {len(paths)} images could be read", file=sys.stderr)
+        raise SystemExit(1)
     grid(pictures).save(args.out / "grid.png")
-    print(f"wrote {len(written)} pictures and grid.png to {args.out}")
+    if results or "boxes" in prediction:
+        (args.out / "predictions.json").write_text(json.dumps(results))
+    print(f"wrote {len(written)} pictures, grid.png and the predictions to {args.out}")
     return written
 
 

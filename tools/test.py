@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
 from tools import eval_coco, eval_miou  # noqa: E402
-from tools.checkpoints import load_task, read_checkpoint, recorded_class  # noqa: E402
+from tasks.checkpoints import load_task, read_checkpoint, recorded_class  # noqa: E402
 from tasks.data.synthetic import VOC_PALETTE  # noqa: E402
+from tasks.evaluation.coco_map import COCOMeanAveragePrecision, coco_results  # noqa: E402
 
 
 def load_datamodule(path: Path, **overrides: Any) -> LightningDataModule:
@@ -40,7 +41,7 @@ def load_datamodule(path: Path, **overrides: Any) -> LightningDataModule:
     if not saved or "_class_path" not in saved:
         raise ValueError(f"{path}: the checkpoint records no data settings (was it written by tools/train.py?)")
     cls = recorded_class(path, saved, LightningDataModule)
-    return cls.load_from_checkpoint(path, **{k: v for k, v in overrides.items() if v is not None})
+    return cls.load_from_checkpoint(path, weights_only=True, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def batches(datamodule: LightningDataModule) -> Any:
@@ -53,16 +54,13 @@ def batches(datamodule: LightningDataModule) -> Any:
 @torch.no_grad()
 def test_detection(task: SSDLiteDetection, datamodule: LightningDataModule, out: Path, backend: str) -> dict[str, Any]:
     """Detections of the val split -> ``detections.json`` -> COCO mAP through ``eval_coco``."""
-    to_category = datamodule.label_to_category_id
-    results = []
+    # Labels -> category ids and xyxy -> xywh by the metric validation uses: a label without a
+    # category id is dropped and reported there, as during training, never a KeyError here.
+    metric = COCOMeanAveragePrecision(label_to_category_id=datamodule.label_to_category_id, backend=backend)
     for index, batch in batches(datamodule):
-        for detection in task.predict_step(batch, index):
-            boxes = detection["boxes"].clone()
-            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
-            for box, score, label in zip(boxes.tolist(), detection["scores"].tolist(), detection["labels"].tolist()):
-                results.append(
-                    {"image_id": detection["image_id"], "category_id": to_category[label], "bbox": box, "score": score}
-                )
+        detections = task.predict_step(batch, index)
+        metric.update([detection["image_id"] for detection in detections], detections)
+    results = coco_results(metric.results()[1])
     results_path = out / "detections.json"
     results_path.write_text(json.dumps(results))
     gt_path = Path(datamodule.root) / "annotations" / f"instances_{datamodule.splits['val']}.json"
@@ -113,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.mkdir(parents=True, exist_ok=True)
         if isinstance(task, SSDLiteDetection):
             summary = test_detection(task, datamodule, args.out, args.backend)
-            metrics = {key: summary[key] for key in eval_coco.SUMMARY_KEYS}
+            # The same keys as eval_coco.py --json, per-class table aside.
+            metrics = {key: value for key, value in summary.items() if key != "per_class"}
         else:
             metrics = test_segmentation(task, datamodule, args.out)
     except (ValueError, FileNotFoundError) as error:

@@ -10,19 +10,29 @@ The config names the LightningModule and LightningDataModule by ``class_path``; 
 
 On top of plain LightningCLI every run gets:
 
-* atomic checkpoints (:class:`tasks.checkpoint_io.AtomicCheckpointIO`, unless the config
-  names its own checkpoint plug-in);
-* :class:`tasks.callbacks.SeedEveryEpoch` and :class:`tasks.callbacks.SkippedSamplesReport`
-  (exact resume from end-of-epoch checkpoints; per-epoch count of ``data.skip_unreadable``);
+* atomic checkpoints, written with the user's umask and read with ``weights_only=True``
+  (:class:`tasks.checkpoint_io.AtomicCheckpointIO`, unless the config names its own checkpoint
+  plug-in);
+* the callbacks of :mod:`tasks.callbacks` (exact resume from any checkpoint, also mid-epoch;
+  earlier ``metrics.csv`` rows kept on resume; orphaned temporary files removed; a validation
+  after the last step; per-epoch count of ``data.skip_unreadable``; a closing summary);
 * ``--ckpt_path last`` that finds the newest ``last*.ckpt`` of *earlier* runs of the config
   (Lightning alone looks only in the new run's empty ``version_N`` folder and starts over);
-* a check of ``--ckpt_path`` before anything runs: a checkpoint of the other task, or of a
-  model with other shapes, is refused with the options to change.
+* a check of ``--ckpt_path`` before anything reads it otherwise: a file that holds Python
+  objects (a pickle that could run code) or names a class that is not one of this project's
+  tasks is refused, and so is a checkpoint of the other task, or of a model with other shapes,
+  with the options to change;
+* errors for people in one line: a data or checkpoint problem raised by this project's code
+  prints ``error: <file>: <problem>`` and exits with status 1; ``MOBILEDENSE_VERBOSE=1`` shows
+  the whole traceback instead.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +41,24 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from tasks.callbacks import SeedEveryEpoch, SkippedSamplesReport  # noqa: E402
+from tasks.callbacks import KeepLogHistory, long_run_callbacks  # noqa: E402
 from tasks.checkpoint_io import AtomicCheckpointIO  # noqa: E402
-from tools.checkpoints import check_compatible, check_task, find_last_checkpoint  # noqa: E402
+from tasks.checkpoints import check_compatible, check_task, find_last_checkpoint, read_hyper_parameters  # noqa: E402
+
+VERBOSE_VARIABLE = "MOBILEDENSE_VERBOSE"
 
 
 class CLI(LightningCLI):
-    """LightningCLI with atomic checkpoints, exact resume and checked ``--ckpt_path``."""
+    """LightningCLI with safe atomic checkpoints, exact resume and checked ``--ckpt_path``."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        for callback_type in (SeedEveryEpoch, SkippedSamplesReport):
-            if not any(isinstance(callback, callback_type) for callback in trainer.callbacks):
-                trainer.callbacks.append(callback_type())
+        for callback in long_run_callbacks():
+            if not any(isinstance(existing, type(callback)) for existing in trainer.callbacks):
+                trainer.callbacks.append(callback)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: not the user's own
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -53,9 +66,10 @@ class CLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, then resolve ``--ckpt_path last`` and check the checkpoint against the config.
 
-        Runs before LightningCLI replaces the configured model by the checkpoint's class and
-        hyper-parameters, so a checkpoint of the other task is refused with a clear message
-        rather than training the wrong model on the wrong data.
+        Runs before LightningCLI reads the checkpoint's hyper-parameters (and imports the class
+        they name) to replace the configured model: a file that is not safe to load, names a
+        class outside this project's tasks, or holds the other task is refused here with one
+        line, rather than running its code or training the wrong model on the wrong data.
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -71,10 +85,12 @@ class CLI(LightningCLI):
         class_path = model.get("class_path") if hasattr(model, "get") else None
         if class_path:
             check_task(ckpt_path, class_path)
+        else:
+            read_hyper_parameters(ckpt_path)  # weights_only and allow-list checks alone
 
     def _resolve_last(self, config: Any) -> None:
         """The newest ``last*.ckpt`` of earlier runs; logging goes on in that run's ``version_N``
-        folder (so ModelCheckpoint also restores its best score)."""
+        folder (so ModelCheckpoint also restores its best score, and ``metrics.csv`` continues)."""
         trainer = config.get("trainer") or {}
         folders = checkpoint_folders(trainer)
         found = find_last_checkpoint(folders)
@@ -103,6 +119,16 @@ class CLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint()
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if not is_checkpoint_file(ckpt_path):
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, KeepLogHistory):
+                # CSVLogger deletes metrics.csv of the folder it logs into as fit starts: when
+                # that is the resumed run's own folder (--ckpt_path last), the callback puts the
+                # earlier rows back, so Lightning's "will be deleted" warning does not hold.
+                callback.read_history(ckpt_path)
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
     def before_validate(self) -> None:
         self._check_checkpoint()
@@ -137,7 +163,7 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it."""
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it; errors propagate."""
     return CLI(
         LightningModule,
         LightningDataModule,
@@ -148,5 +174,56 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
+def error_for_people(error: BaseException) -> str | None:
+    """The message of an error this project raises for people (a missing or broken file, a
+    refused checkpoint, a wrong option value), or None for anything else (a bug: keep the traceback).
+
+    That is a ``ValueError``, ``OSError`` or ``RuntimeError`` raised by the project's own code
+    (its innermost frame is in ``tasks/``, ``heads/``, ``backbones/`` or ``tools/``), also when
+    a DataLoader worker raised it (PyTorch re-raises it in the main process with the worker's
+    traceback as text: the message is its last line).
+    """
+    if not isinstance(error, (ValueError, OSError, RuntimeError)):
+        return None
+    message = str(error).strip()
+    if "\nOriginal Traceback" in message:
+        frames = re.findall(r'File "([^"]+)"', message)
+        origin = frames[-1] if frames else ""
+        message = message.splitlines()[-1]
+        message = message.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", message) else message
+    else:
+        traceback = error.__traceback__
+        if traceback is None:
+            return None
+        while traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        origin = traceback.tb_frame.f_code.co_filename
+    return message if message and _in_project(origin) else None
+
+
+def _in_project(filename: str) -> bool:
+    try:
+        relative = Path(filename).resolve().relative_to(ROOT)
+    except ValueError:
+        return False
+    return relative.parts[0] in ("tasks", "heads", "backbones", "tools") if relative.parts else False
+
+
+def run(args: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with errors for people as one line and exit status 1.
+
+    Set ``MOBILEDENSE_VERBOSE=1`` to get the full traceback instead.
+    """
+    try:
+        main(args)
+    except Exception as error:
+        message = error_for_people(error)
+        if message is None or os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

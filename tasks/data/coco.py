@@ -54,8 +54,11 @@ from tasks.data.detection_transforms import (
 )
 from tasks.data.files import UnreadableSampleError, check_listed_files, read_rgb
 from tasks.data.sampling import ResumableTrainingData, SampleSeeds, attach_skipped, global_seed, load_skipping
+from tasks.data.synthetic import SYNTHETIC_COCO_ROOT, may_write_synthetic, synthetic_hint
 
 logger = logging.getLogger(__name__)
+
+_ALBUMENTATIONS_EPS = 1e-7  # the tolerance of albumentations' box size filter (filter_bboxes)
 
 
 def load_coco_annotations(path: Path) -> COCO:
@@ -73,6 +76,13 @@ def load_coco_annotations(path: Path) -> COCO:
         raise ValueError(f"{path}: no images (an empty or foreign annotation file?)")
     if not coco.dataset.get("categories"):
         raise ValueError(f"{path}: no categories; a COCO instances file lists them under 'categories'")
+    if "annotations" not in coco.dataset:
+        # pycocotools accepts such a file and has no objects: training would see background only
+        # and COCOeval would report AP = -1, both without a word.
+        raise ValueError(
+            f"{path}: no 'annotations' key; a COCO instances file lists its objects there "
+            "(image_info_*.json files list images only)"
+        )
     coco.source_path = path  # for error messages further on
     return coco
 
@@ -88,6 +98,9 @@ class COCODetection(Dataset):
         keep_empty_images: keep images with no usable (non-crowd, non-degenerate) box.
         min_box_size: boxes narrower or lower than this many pixels (after clipping to the
             image) are degenerate and dropped; the count is logged.
+        input_size: side of the square network input that ``transform`` resizes to. Boxes
+            narrower or lower than 1 px there (or in the image) are degenerate too: the
+            transform's ``min_width``/``min_height`` of 1 px would drop them without a word.
         skip_unreadable: leave out images listed but missing (warned once, here) and replace
             images that cannot be read by the next readable one (each one logged; the batch
             carries the messages for ``SkippedSamplesReport``). Off: the first such image
@@ -95,7 +108,11 @@ class COCODetection(Dataset):
         seeds: per-sample augmentation seeds (:class:`~tasks.data.sampling.SampleSeeds`); the
             training loader's :class:`~tasks.data.sampling.EpochSampler` sets their epoch.
 
-    Boxes: clipped to the image; boxes left with no width or height are dropped and counted.
+    Boxes: clipped to the image; boxes left with no width or height, or under 1 px wide or high
+    in the image or at ``input_size``, are dropped here and counted in one log line ("dropped N
+    degenerate boxes"), so the evaluation transform never drops a box itself. Training
+    augmentation may still leave a box out of one sample (SSD's crop drops boxes whose centre
+    falls outside the patch; zoom-out can shrink a box below 1 px).
     Annotations whose category id is not in ``category_id_to_label`` stop the run (naming the
     annotation file, the annotation and the id).
     """
@@ -109,6 +126,7 @@ class COCODetection(Dataset):
         category_id_to_label: Mapping[int, int],
         keep_empty_images: bool = True,
         min_box_size: float = 0.0,
+        input_size: int | None = None,
         skip_unreadable: bool = False,
         seeds: SampleSeeds | None = None,
     ) -> None:
@@ -121,15 +139,23 @@ class COCODetection(Dataset):
         self.skip_unreadable = skip_unreadable
         self.seeds = seeds
         self._transform_seed: int | None = None
-        self.num_dropped_boxes = 0
+        self.input_size = input_size
+        self.num_dropped_boxes = 0  # objects (iscrowd 0)
+        self.num_dropped_crowd = 0  # crowd regions
         self.records: list[dict[str, Any]] = []
         for image_id in sorted(coco.getImgIds()):
             info = coco.imgs[image_id]
             record = self._record(info, coco.imgToAnns.get(image_id, []), category_id_to_label, min_box_size)
             if keep_empty_images or len(record["labels"]) > 0:
                 self.records.append(record)
-        if self.num_dropped_boxes:
-            logger.warning("%s: dropped %d degenerate boxes", image_dir.name, self.num_dropped_boxes)
+        if self.num_dropped_boxes or self.num_dropped_crowd:
+            crowd_note = f" and {self.num_dropped_crowd} crowd regions" if self.num_dropped_crowd else ""
+            at_input = f" or at the {input_size}x{input_size} input" if input_size else ""
+            size_note = f", or not above data.min_box_size={min_box_size:g}" if min_box_size > 0 else ""
+            logger.warning(
+                f"{self.source}: dropped {self.num_dropped_boxes} degenerate boxes{crowd_note} of {image_dir.name} "
+                f"(no area inside the image, or under 1 px wide or high in the image{at_input}{size_note})"
+            )
         self._check_files()
         if not self.records:
             raise ValueError(
@@ -167,8 +193,17 @@ class COCODetection(Dataset):
             labels = np.array([category_id_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
         else:
             boxes, crowd, labels = np.zeros((0, 4)), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
-        valid = (boxes[:, 2] - boxes[:, 0] > min_box_size) & (boxes[:, 3] - boxes[:, 1] > min_box_size)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        # albumentations' BboxParams(min_width=1, min_height=1) drops boxes under 1 px (with its
+        # 1e-7 tolerance) after every step, the final resize included; decide that here instead.
+        sides = [widths, heights]
+        if self.input_size is not None:
+            sides += [widths * self.input_size / width, heights * self.input_size / height]
+        valid = (widths > min_box_size) & (heights > min_box_size)
+        for side in sides:
+            valid &= side >= 1.0 - _ALBUMENTATIONS_EPS
         self.num_dropped_boxes += int((~valid & ~crowd).sum())
+        self.num_dropped_crowd += int((~valid & crowd).sum())
         objects, regions = valid & ~crowd, valid & crowd
         return {
             "image_id": int(info["id"]),
@@ -278,12 +313,19 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
             always uses every image of its split, as COCOeval does.
         contiguous_labels: labels ``1..K`` in category-id order (True), or the category ids
             themselves (False, for a 91-output model on COCO).
-        min_box_size: boxes at most this many pixels wide or high are dropped as degenerate.
+        min_box_size: boxes at most this many pixels wide or high are dropped as degenerate
+            (boxes under 1 px, in the image or at ``image_size``, always are); the count is logged.
         photometric_p, zoom_out_p, zoom_out_max_scale, crop_p, crop_min_scale, hflip_p: the
             strength of the training augmentation (see ``detection_train_transform``).
-        synthetic: when ``root`` holds no annotations yet, write the project's synthetic COCO-layout
-            set there first (``tasks.data.synthetic.make_coco``: 400 train / 50 val images of five
-            shape classes under category ids 1, 3, 7, 12, 44); for demos and CPU runs.
+        synthetic: the data is the project's synthetic COCO-layout set
+            (``tasks.data.synthetic.make_coco``: 400 train / 50 val images of five shape classes
+            under category ids 1, 3, 7, 12, 44; for demos and CPU runs). When ``root`` is
+            ``tasks.data.synthetic.SYNTHETIC_COCO_ROOT`` (``data/synthetic/coco``, the synthetic
+            config's) and holds no annotations yet, the set is written there first. Any other
+            ``root`` must exist: a mistyped ``--data.root`` stops with "not found" rather than
+            training on a new set.
+        write_synthetic: write the synthetic set into ``root`` when it holds no annotations,
+            whatever ``root`` is (tests, demos, a scratch folder).
         skip_unreadable: training leaves out missing images and replaces unreadable ones (corrupt,
             truncated, wrong size) by the next readable image instead of stopping; each is
             logged, and ``SkippedSamplesReport`` (added by ``tools/train.py``) logs the count
@@ -319,6 +361,7 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
         crop_min_scale: float = 0.3,
         hflip_p: float = 0.5,
         synthetic: bool = False,
+        write_synthetic: bool = False,
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
@@ -336,6 +379,7 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
         self.contiguous_labels = contiguous_labels
         self.min_box_size = min_box_size
         self.synthetic = synthetic
+        self.write_synthetic = write_synthetic
         self.skip_unreadable = skip_unreadable
         self._init_resumable()
         self.augmentation = {
@@ -355,11 +399,16 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
         """The loaded annotations of ``split`` ("train", "val" or "test"), read once."""
         name = self.splits[split]
         if name not in self._annotations:
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root}: COCO root directory not found")
-            self._annotations[name] = load_coco_annotations(
-                self.root / "annotations" / f"instances_{name}.json"
-            )
+            try:
+                if not self.root.is_dir():
+                    raise FileNotFoundError(f"{self.root}: COCO root directory not found")
+                self._annotations[name] = load_coco_annotations(
+                    self.root / "annotations" / f"instances_{name}.json"
+                )
+            except FileNotFoundError as error:
+                if not self.synthetic:
+                    raise
+                raise FileNotFoundError(f"{error}; {synthetic_hint(SYNTHETIC_COCO_ROOT)}") from error
         return self._annotations[name]
 
     @property
@@ -407,6 +456,15 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
     # ------------------------------------------------------------------ datasets
     def _dataset(self, split: str, *, train: bool) -> COCODetection:
         coco = self.annotations(split)
+        if not coco.dataset["annotations"]:
+            source = getattr(coco, "source_path", self.root)
+            if train:
+                raise ValueError(f"{source}: 'annotations' is empty; training would see background only")
+            # A split without objects can still be predicted on, but not scored.
+            logger.warning(
+                "%s: 'annotations' is empty: every detection on %s counts as a false positive and "
+                "COCO AP will be -1", source, self.splits[split],
+            )  # fmt: skip
         if split != "val":
             extra = set(coco.getCatIds()) - {c["id"] for c in self.categories}
             if extra:
@@ -426,13 +484,18 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
             category_id_to_label=self.category_id_to_label,
             keep_empty_images=self.keep_empty_images if train else True,
             min_box_size=self.min_box_size,
+            input_size=self.image_size,
             skip_unreadable=self.skip_unreadable and train,
             seeds=SampleSeeds(global_seed()) if train else None,
         )
 
     def prepare_data(self) -> None:
-        """Write the synthetic set when asked to and ``root`` has no annotations (one process)."""
-        if not self.synthetic:
+        """Write the synthetic set when allowed to (see ``synthetic``) and ``root`` has no
+        annotations (one process)."""
+        allowed = may_write_synthetic(
+            self.root, SYNTHETIC_COCO_ROOT, synthetic=self.synthetic, write=self.write_synthetic
+        )
+        if not allowed:
             return
         names = [self.splits["train"], self.splits["val"], self.splits["test"]]
         if not all((self.root / "annotations" / f"instances_{name}.json").is_file() for name in names):

@@ -1,11 +1,14 @@
 """SSD-style detection augmentation on albumentations, and image normalisation.
 
-Training follows SSD (Liu et al., 2016, section 2.2 "Data augmentation") as torchvision's SSDLite
-recipe does: photometric distortion, zoom out (SSD's "expand" onto a mean-filled canvas up to 4x
-larger, for small objects), a random crop whose IoU with some object is at least one of 0.1 ...
-0.9 (or the whole image), horizontal flip, then a resize to the fixed network size. Validation
-only resizes. Boxes are Pascal VOC ``[x1, y1, x2, y2]`` in pixels in and out; albumentations keeps
-them consistent with the image through every step.
+Training offers SSD's augmentation (Liu et al., 2016, section 2.2 "Data augmentation"; torchvision's
+"ssd" policy in references/detection/presets.py): photometric distortion, zoom out (SSD's "expand"
+onto a mean-filled canvas up to 4x larger, for small objects), a random crop whose IoU with some
+object is at least one of 0.1 ... 0.9 (or the whole image), horizontal flip, then a resize to the
+fixed network size. torchvision's "ssdlite" policy (with which its SSDLite320-MobileNetV3 reached
+21.3 mAP) and the TF ssdlite_mobilenet_v2_coco config keep only the crop and the flip: set
+``photometric_p`` and ``zoom_out_p`` to 0, as configs/ssdlite_mobilenetv2_coco.yaml does.
+Validation only resizes. Boxes are Pascal VOC ``[x1, y1, x2, y2]`` in pixels in and out;
+albumentations keeps them consistent with the image through every step.
 
 The pipelines return ``uint8`` images; :func:`normalize_images` turns a batch into the network's
 float input (ImageNet mean and std, the statistics of torchvision's MobileNetV2 weights). The
@@ -219,7 +222,9 @@ def _iou_with(crop: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def _bbox_params() -> A.BboxParams:
     # Crowd regions travel with the objects (flag column) so one pipeline moves both; boxes that
-    # leave the image or collapse below a pixel are dropped.
+    # leave the image or collapse below a pixel are dropped. Datasets drop (and count) the boxes
+    # that would be under a pixel at the network input before they get here, so that only
+    # augmentation ever drops a box in this filter (COCODetection's "degenerate boxes").
     return A.BboxParams(
         format="pascal_voc",
         label_fields=["labels", "is_crowd"],
@@ -244,7 +249,8 @@ def detection_train_transform(
     """SSD training augmentation, then a resize to ``image_size`` x ``image_size``.
 
     Call with ``image=uint8 HWC, bboxes=[G, 4] pascal_voc, labels=[G], is_crowd=[G]``. Set a
-    probability to 0 to switch a step off (e.g. gentler augmentation for short schedules).
+    probability to 0 to switch a step off: ``photometric_p=0, zoom_out_p=0`` is torchvision's
+    "ssdlite" policy (IoU crop + flip), the defaults its "ssd" policy.
     """
     return A.Compose(
         [

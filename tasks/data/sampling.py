@@ -1,25 +1,29 @@
 """Training order and augmentation randomness that depend only on (seed, epoch), and skipping.
 
-A run resumed from an end-of-epoch checkpoint must see the same images in the same order with
-the same augmentations as the run that was never stopped. PyTorch's defaults do not allow that:
-``RandomSampler`` and the DataLoader's worker seeds draw from the global RNG, whose state is not
-in the checkpoint, and a pipeline's own RNG runs on across epochs (and per worker). So:
+A run resumed from a checkpoint (at the end of an epoch or in the middle of one) must see the
+same images in the same order with the same augmentations as the run that was never stopped.
+PyTorch's defaults do not allow that: ``RandomSampler`` and the DataLoader's worker seeds draw
+from the global RNG, whose state is not in the checkpoint, and a pipeline's own RNG runs on
+across epochs (and per worker). So:
 
 * :class:`EpochSampler` shuffles with ``(seed, epoch)`` (a ``DistributedSampler``, so Lightning
-  keeps it under DDP instead of injecting its own, and each rank takes its share), and tells
-  the dataset the epoch;
+  keeps it under DDP instead of injecting its own, and each rank takes its share), tells the
+  dataset the epoch, and can start an epoch part-way (:meth:`EpochSampler.resume_at`);
 * :class:`SampleSeeds` gives sample ``index`` of ``epoch`` the augmentation seed
   ``f(seed, epoch, index)``, through shared memory so persistent workers see the new epoch.
   The same images come out whatever ``num_workers`` is;
 * :func:`load_skipping` replaces an unreadable sample by the next readable one when asked to,
   and records what it skipped (the batch carries the messages; see ``SkippedSamplesReport``);
-* :class:`ResumableTrainingData` puts these together for the DataModules.
+* :class:`ResumableTrainingData` puts these together for the DataModules: their checkpoint
+  state is the epoch and the number of samples already trained on in it
+  (:func:`sampler_position`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +83,11 @@ class EpochSampler(DistributedSampler):
     """Shuffled indices that depend only on ``(seed, epoch)``; one rank's share under DDP.
 
     Lightning calls :meth:`set_epoch` at the start of every epoch (also after a resume, with
-    the restored epoch); the dataset's ``set_epoch`` is called too, when it has one.
+    the restored epoch); the dataset's ``set_epoch`` is called too, when it has one. After
+    :meth:`resume_at` the first ``skip`` indices of that one epoch are left out, so a run resumed
+    from a mid-epoch checkpoint trains on the rest of the epoch's order, not on its beginning.
+    ``len()`` stays the whole share: Lightning counts the resumed epoch's batches from the
+    restored batch index up to the full epoch length.
 
     Args:
         dataset: the training set.
@@ -89,6 +97,13 @@ class EpochSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._skip_epoch = -1
+        self._skip = 0
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch``, leaving out the first ``skip`` indices of this rank's share of it."""
+        self._skip_epoch, self._skip = int(epoch), max(int(skip), 0)
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -98,30 +113,46 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self):  # noqa: ANN204 - the base class's iterator
         self.set_epoch(self.epoch)  # the dataset follows even when nobody called set_epoch
-        return super().__iter__()
+        indices = super().__iter__()
+        if self.epoch != self._skip_epoch or not self._skip:
+            return indices
+        return iter(list(indices)[self._skip :])
 
 
-def epoch_sampler(dataset: Dataset, trainer: Any = None, *, epoch: int = 0) -> EpochSampler:
+def epoch_sampler(dataset: Dataset, trainer: Any = None, *, epoch: int = 0, skip: int = 0) -> EpochSampler:
     """The training sampler: this rank's share (``trainer.world_size`` / ``global_rank``; the
     whole set without a trainer) of a shuffle seeded by ``(seed_everything's seed, epoch)``,
-    starting at ``epoch`` (see :func:`sampler_epoch_state`)."""
+    starting at ``epoch`` after ``skip`` samples of it (see :func:`sampler_position`)."""
     world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=global_seed())
-    sampler.set_epoch(epoch)
+    sampler.resume_at(epoch, skip)
     return sampler
 
 
-def sampler_epoch_state(trainer: Any) -> dict[str, int]:
-    """What a DataModule's ``state_dict`` saves so that a resumed run starts at the right order.
+def sampler_position(trainer: Any, batch_size: int) -> dict[str, int]:
+    """What a DataModule's ``state_dict`` saves so that a resumed run continues the same order.
+
+    ``train_sampler_epoch``: the epoch the fit loop passes to ``set_epoch`` after a restore
+    (the next one when the checkpoint was written at the end of an epoch).
+    ``train_samples_done``: this rank's samples of that epoch already trained on, when the
+    checkpoint was written inside it (by validation every N steps, or ``every_n_train_steps``);
+    Lightning resumes the batch count there (``batch_progress.current``), and the sampler must
+    skip as many samples. Batches are full (the training loaders drop the last partial one).
 
     Lightning creates the first training iterator (and, with workers, prefetches its indices)
     *before* it calls ``sampler.set_epoch`` with the restored epoch, so the first epoch after a
-    resume would otherwise follow the sampler's initial epoch 0. The DataModule's state is
-    restored before that iterator exists: it hands the saved value to :func:`epoch_sampler`.
-    The value is the one the fit loop passes to ``set_epoch`` after a restore.
+    resume would otherwise follow the sampler's initial state. The DataModule's state is
+    restored before that iterator exists and is handed to :func:`epoch_sampler`.
     """
     loop = getattr(trainer, "fit_loop", None)
-    return {"train_sampler_epoch": int(loop.epoch_progress.current.processed) if loop is not None else 0}
+    if loop is None:
+        return {"train_sampler_epoch": 0, "train_samples_done": 0}
+    epochs = loop.epoch_progress.current
+    # Inside an epoch its "processed" count is not yet increased (it is by the time the
+    # end-of-epoch hooks, where last.ckpt is written, run).
+    inside_epoch = epochs.processed < epochs.started
+    batches = loop.epoch_loop.batch_progress.current.processed if inside_epoch else 0
+    return {"train_sampler_epoch": int(epochs.processed), "train_samples_done": int(batches) * int(batch_size)}
 
 
 def load_skipping(
@@ -182,24 +213,35 @@ class SkipCounter:
 
 class ResumableTrainingData:
     """What both DataModules add for exact resume and ``skip_unreadable`` (a mixin, listed before
-    ``LightningDataModule``): the training sampler, its epoch in checkpoints, skip counting."""
+    ``LightningDataModule``): the training sampler, its position in checkpoints, skip counting.
+
+    Needs ``hparams.batch_size`` (the training batch size per device).
+    """
 
     trainer: Any
+    hparams: Any
 
     def _init_resumable(self) -> None:
         self.skipped = SkipCounter()
-        self._start_epoch = 0  # the training sampler's first epoch (after a resume: load_state_dict)
+        # Where the training sampler starts (after a resume: load_state_dict).
+        self._start_epoch = 0
+        self._start_skip = 0
 
     def train_sampler(self, dataset: Dataset) -> EpochSampler:
-        """This rank's share of the ``(seed, epoch)`` shuffle, from the restored epoch on."""
-        return epoch_sampler(dataset, self.trainer, epoch=self._start_epoch)
+        """This rank's share of the ``(seed, epoch)`` shuffle, from the restored position on."""
+        return epoch_sampler(dataset, self.trainer, epoch=self._start_epoch, skip=self._start_skip)
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch the training sampler resumes at."""
-        return sampler_epoch_state(self.trainer)
+        """Saved in checkpoints: the epoch and the samples of it already trained on."""
+        return sampler_position(self.trainer, self.hparams.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._start_epoch = int(state_dict.get("train_sampler_epoch", 0))
+        self._start_skip = int(state_dict.get("train_samples_done", 0))
+        if self._start_skip:
+            # Lightning warns that a mid-epoch resume repeats data unless the DataLoader itself
+            # has a state_dict; here the DataModule carries the sampler's position instead.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count (and remove) the training set's skip messages, in the main process."""

@@ -94,7 +94,31 @@ class _SceneStyle:
 _VOC_STYLE = _SceneStyle(textures=True, blotch_std=30.0, min_visible=0.6, hues=None)
 _COCO_STYLE = _SceneStyle(textures=False, blotch_std=12.0, min_visible=0.9, hues=COCO_CLASS_HUES)
 _CC0_URL = "https://creativecommons.org/publicdomain/zero/1.0/"
-_SPLIT_CODES = {"coco/train": 0, "coco/val": 1, "voc/train": 2, "voc/val": 3}
+
+# Where the synthetic configs (data.root) and `tools/make_synthetic.py --out data/synthetic` put the
+# built-in sets, relative to the working directory: the only roots that a DataModule's
+# data.synthetic writes into without being asked (see may_write_synthetic).
+SYNTHETIC_COCO_ROOT = Path("data/synthetic/coco")
+SYNTHETIC_VOC_ROOT = Path("data/synthetic/voc")
+
+
+def may_write_synthetic(root: Path, default_root: Path, *, synthetic: bool, write: bool) -> bool:
+    """Whether a DataModule may write its synthetic set into ``root`` (when ``root`` lacks data).
+
+    Yes when asked explicitly (``write``: ``data.write_synthetic``), or when the config uses the
+    synthetic set (``synthetic``) and ``root`` is that set's ``default_root``. Anything else, a
+    mistyped ``--data.root`` above all, must fail with "not found" rather than train on a new set.
+    """
+    return write or (synthetic and Path(root).resolve() == Path(default_root).resolve())
+
+
+def synthetic_hint(default_root: Path) -> str:
+    """The end of a "not found" line under a synthetic config: where and how the set gets written."""
+    return (
+        f"data.synthetic writes the synthetic set only at {default_root}; add --data.write_synthetic true "
+        "to write it at this root (or: python tools/make_synthetic.py --out DIR)"
+    )
+_SPLIT_CODES = {"coco/train": 0, "coco/val": 1, "voc/train": 2, "voc/val": 3, "voc/sbd": 4, "voc/none": 5}
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -331,8 +355,12 @@ def _draw_scene(
     areas: list[float],
     crowd: bool,
     style: _SceneStyle,
+    shapes: list[str] | None = None,
 ) -> tuple[Image.Image, list[_Instance]]:
     """Draw a background, an optional crowd region and one object per area, later ones on top.
+
+    ``shapes`` (the crowd's first, then one per area) fixes the classes; None draws them at random
+    (the plain sets: leaving it None keeps their bytes as they were).
 
     Returns:
         The RGB image and the placed instances in drawing order, with ``visible`` already cut by
@@ -340,11 +368,12 @@ def _draw_scene(
     """
     canvas = _background(rng, height, width, style)
     instances: list[_Instance] = []
+    chosen = iter(shapes) if shapes is not None else None
     if crowd:
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        shape = next(chosen) if chosen is not None else SHAPES[int(rng.integers(len(SHAPES)))]
         instances.append(_place_crowd(rng, canvas, shape, style.hues[shape] if style.hues else None))
     for area in areas:
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        shape = next(chosen) if chosen is not None else SHAPES[int(rng.integers(len(SHAPES)))]
         placed = _place_object(rng, canvas, instances, shape, area, style)
         if placed is not None:
             for prev in instances:
@@ -520,8 +549,15 @@ def _voc_border(instance_map: np.ndarray) -> np.ndarray:
     return grown
 
 
-def _write_voc_image(rng: np.random.Generator, voc: Path, stem: str, sizes: tuple[int, int]) -> None:
-    """Draw one image with 1-4 objects and write its JPEG and its palette-PNG class mask."""
+def _draw_voc_scene(
+    rng: np.random.Generator, sizes: tuple[int, int]
+) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """Draw one image with 1-4 objects.
+
+    Returns:
+        The RGB image, its (H, W) uint8 class map (0 background, ``VOC_SHAPE_CLASSES`` values) and
+        its (H, W) int32 instance map (0 background, 1.. in drawing order), both without void.
+    """
     width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
     areas = [_log_uniform(rng, 0.015, 0.2) * height * width for _ in range(int(rng.integers(1, 5)))]
     image, instances = _draw_scene(rng, height, width, areas, False, _VOC_STYLE)
@@ -530,11 +566,22 @@ def _write_voc_image(rng: np.random.Generator, voc: Path, stem: str, sizes: tupl
     for number, instance in enumerate(instances, start=1):
         labels[instance.visible] = VOC_SHAPE_CLASSES[instance.shape]
         instance_map[instance.visible] = number
+    return image, labels, instance_map
+
+
+def _save_palette_png(labels: np.ndarray, path: Path) -> None:
+    """Write class indices as a 'P' PNG with VOC's palette, as VOC's SegmentationClass files are."""
+    mask = Image.fromarray(labels)
+    mask.putpalette(VOC_PALETTE)  # 'L' -> 'P'
+    mask.save(path)
+
+
+def _write_voc_image(rng: np.random.Generator, voc: Path, stem: str, sizes: tuple[int, int]) -> None:
+    """Draw one image with 1-4 objects and write its JPEG and its palette-PNG class mask."""
+    image, labels, instance_map = _draw_voc_scene(rng, sizes)
     labels[_voc_border(instance_map)] = VOC_IGNORE_INDEX
     image.save(voc / "JPEGImages" / f"{stem}.jpg", quality=int(rng.integers(85, 96)))
-    mask = Image.fromarray(labels)
-    mask.putpalette(VOC_PALETTE)  # 'L' -> 'P', as VOC's PNGs are
-    mask.save(voc / "SegmentationClass" / f"{stem}.png")
+    _save_palette_png(labels, voc / "SegmentationClass" / f"{stem}.png")
 
 
 def make_voc(
@@ -578,4 +625,337 @@ def make_voc(
     stems["trainval"] = stems["train"] + stems["val"]
     for split, names in stems.items():
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return root
+
+
+# --------------------------------------------------------------------------------------- realistic
+# The plain sets above are friendly: five categories, RGB JPEGs only, image ids 1..N. The realistic
+# sets below keep the same drawings but mirror what the real COCO 2017 and VOC 2012 (+ SBD) files
+# look like, quirks included, so that tests of the shipped paper configs meet what users meet.
+
+# COCO 2017's 80 categories with their real ids and supercategories (instances_*2017.json). The ids
+# run 1..90: 12, 26, 29, 30, 45, 66, 68, 69, 71 and 83 belong to no category.
+COCO_2017_CATEGORIES: tuple[tuple[int, str, str], ...] = (
+    (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"), (5, "airplane", "vehicle"), (6, "bus", "vehicle"),
+    (7, "train", "vehicle"), (8, "truck", "vehicle"), (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"), (11, "fire hydrant", "outdoor"), (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"), (15, "bench", "outdoor"), (16, "bird", "animal"),
+    (17, "cat", "animal"), (18, "dog", "animal"), (19, "horse", "animal"), (20, "sheep", "animal"),
+    (21, "cow", "animal"), (22, "elephant", "animal"), (23, "bear", "animal"), (24, "zebra", "animal"),
+    (25, "giraffe", "animal"), (27, "backpack", "accessory"), (28, "umbrella", "accessory"),
+    (31, "handbag", "accessory"), (32, "tie", "accessory"), (33, "suitcase", "accessory"),
+    (34, "frisbee", "sports"), (35, "skis", "sports"), (36, "snowboard", "sports"),
+    (37, "sports ball", "sports"), (38, "kite", "sports"), (39, "baseball bat", "sports"),
+    (40, "baseball glove", "sports"), (41, "skateboard", "sports"), (42, "surfboard", "sports"),
+    (43, "tennis racket", "sports"), (44, "bottle", "kitchen"), (46, "wine glass", "kitchen"),
+    (47, "cup", "kitchen"), (48, "fork", "kitchen"), (49, "knife", "kitchen"), (50, "spoon", "kitchen"),
+    (51, "bowl", "kitchen"), (52, "banana", "food"), (53, "apple", "food"), (54, "sandwich", "food"),
+    (55, "orange", "food"), (56, "broccoli", "food"), (57, "carrot", "food"), (58, "hot dog", "food"),
+    (59, "pizza", "food"), (60, "donut", "food"), (61, "cake", "food"), (62, "chair", "furniture"),
+    (63, "couch", "furniture"), (64, "potted plant", "furniture"), (65, "bed", "furniture"),
+    (67, "dining table", "furniture"), (70, "toilet", "furniture"), (72, "tv", "electronic"),
+    (73, "laptop", "electronic"), (74, "mouse", "electronic"), (75, "remote", "electronic"),
+    (76, "keyboard", "electronic"), (77, "cell phone", "electronic"), (78, "microwave", "appliance"),
+    (79, "oven", "appliance"), (80, "toaster", "appliance"), (81, "sink", "appliance"),
+    (82, "refrigerator", "appliance"), (84, "book", "indoor"), (85, "clock", "indoor"),
+    (86, "vase", "indoor"), (87, "scissors", "indoor"), (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
+)  # fmt: skip
+# The shapes drawn in the realistic set, stored under real COCO ids: the first and the last id and
+# ids right after a gap, so that an off-by-one between label and id shows.
+REALISTIC_COCO_CATEGORY_IDS: dict[str, int] = {"circle": 1, "square": 13, "triangle": 46, "cross": 72, "ring": 90}
+# Real instances files give crowd annotations ids from 900100000000 on (beyond 32 bits).
+_COCO_CROWD_ANN_BASE = 900_100_000_000
+# What image ``index`` of a realistic COCO split is (both splits; the rest are plain RGB JPEGs).
+_REALISTIC_COCO_KINDS: dict[int, str] = {
+    1: "grey",  # COCO has about 1% greyscale JPEGs
+    2: "crowd_list",  # iscrowd=1 with uncompressed RLE (counts a list), as in instances_*.json
+    3: "empty",  # no annotations at all (about 1% of COCO's images)
+    4: "cmyk",  # a CMYK JPEG
+    5: "rgba",  # an RGBA PNG
+    6: "crowd_string",  # iscrowd=1 with compressed RLE (counts a str), as pycocotools writes
+    7: "sliver",  # one object box narrower than a pixel (COCO has a few)
+    11: "empty",
+}
+_SLIVER_WIDTH, _SLIVER_HEIGHT = 0.6, 24.0  # a thin vertical object: its box is 0.6 px wide
+
+# VOC 2012 + SBD: the realistic set adds images that only SBD labels, and images no split lists.
+REALISTIC_VOC_SBD_EXTRA = 8  # images in train_aug only (SBD's labels: no void band)
+REALISTIC_VOC_UNLISTED = 2  # JPEGs of the detection task only: in JPEGImages, in no split
+_REALISTIC_VOC_DIFFICULT_AT = 1  # this train image has one object marked void (255) as a whole
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a (H, W) bool mask: run lengths in column-major order, zeros first."""
+    flat = mask.astype(np.uint8).ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0, *counts]  # the first run counts zeros, even when there are none
+    return {"counts": [int(c) for c in counts], "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _realistic_coco_annotation(instance: _Instance, height: int, width: int, crowd_form: str) -> dict | None:
+    """A COCO annotation as the real files have them.
+
+    Objects: polygons, ``bbox`` = the polygons' extent (floats, as COCO's boxes come from their
+    polygons). Crowd regions: RLE, uncompressed (``crowd_form="list"``) or compressed (``"string"``).
+    """
+    if instance.crowd:
+        if crowd_form == "list":
+            segmentation: list | dict = _uncompressed_rle(instance.visible)
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = mask_utils.encode(np.asfortranarray(instance.visible.astype(np.uint8)))
+            segmentation = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    else:
+        polygon = instance.polygon
+        inside = polygon.min() >= 0 and polygon[:, 0].max() <= width and polygon[:, 1].max() <= height
+        if inside and np.array_equal(instance.visible, instance.full):
+            segmentation = [polygon.ravel().tolist()]
+        else:
+            segmentation = _mask_to_polygons(instance.visible)
+        if not segmentation:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        points = np.concatenate([np.reshape(p, (-1, 2)) for p in segmentation])
+        x0, y0 = np.clip(points.min(0), 0, [width, height])
+        x1, y1 = np.clip(points.max(0), 0, [width, height])
+        bbox = [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)]
+    area = float(mask_utils.area(rle))
+    if area < 1:
+        return None
+    return {
+        "segmentation": segmentation,
+        "area": area,
+        "iscrowd": int(instance.crowd),
+        "bbox": bbox,
+        "category_id": REALISTIC_COCO_CATEGORY_IDS[instance.shape],
+    }
+
+
+def _add_sliver(rng: np.random.Generator, image: Image.Image, instances: list[_Instance]) -> None:
+    """Paint a thin vertical object (box ``_SLIVER_WIDTH`` px wide) on top of the scene."""
+    canvas = np.asarray(image, dtype=np.float32).copy()
+    height, width = canvas.shape[:2]
+    # From x + 0.2 to x + 0.8: the polygon covers the centres of one pixel column, so that
+    # pycocotools rasterises it to that column (a polygon between two centres would vanish).
+    x = float(np.floor(rng.uniform(8, width - 8))) + 0.2
+    y = float(np.round(rng.uniform(4, height - _SLIVER_HEIGHT - 4), 2))
+    polygon = np.array(
+        [(x, y), (x + _SLIVER_WIDTH, y), (x + _SLIVER_WIDTH, y + _SLIVER_HEIGHT), (x, y + _SLIVER_HEIGHT)]
+    )
+    full = _rasterize([polygon], height, width)
+    shape = SHAPES[len(instances) % len(SHAPES)]
+    colour = _pick_colour(rng, canvas, full, [], COCO_CLASS_HUES[shape])
+    canvas[full] = colour
+    image.paste(Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)))
+    for prev in instances:
+        prev.visible &= ~full
+    instances.append(_Instance(shape, polygon, full, full.copy(), colour))
+
+
+def _realistic_image_ids(seed: int, counts: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """Sparse image ids like COCO's (139, 285, 632...), never 1..N; disjoint between the splits."""
+    rng = np.random.default_rng([seed, 99])
+    ids = (rng.choice(581_929, size=sum(counts), replace=False) + 1).tolist()
+    return sorted(ids[: counts[0]]), sorted(ids[counts[0] :])
+
+
+def _write_realistic_coco_split(
+    root: Path, split: str, image_ids: list[int], *, seed: int, sizes: tuple[int, int], next_ann_id: int
+) -> dict:
+    """Draw one split of the realistic COCO set; return its COCO dictionary."""
+    image_dir = root / f"{split}2017"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, image_id in enumerate(image_ids):
+        rng = _image_rng(seed, f"coco/{split}", index)
+        kind = _REALISTIC_COCO_KINDS.get(index, "rgb")
+        width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+        crowd = kind.startswith("crowd")
+        areas = [] if kind == "empty" else _coco_areas(rng, height, width)
+        shapes = [SHAPES[(index + k) % len(SHAPES)] for k in range(len(areas) + 1)]  # every class shows up
+        image, instances = _draw_scene(rng, height, width, areas, crowd, _COCO_STYLE, shapes)
+        if kind == "sliver":
+            _add_sliver(rng, image, instances)
+        file_name = f"{image_id:012d}.png" if kind == "rgba" else f"{image_id:012d}.jpg"
+        quality = int(rng.integers(85, 96))
+        if kind == "grey":
+            image.convert("L").save(image_dir / file_name, quality=quality)
+        elif kind == "cmyk":
+            image.convert("CMYK").save(image_dir / file_name, quality=quality)
+        elif kind == "rgba":
+            image.convert("RGBA").save(image_dir / file_name)
+        else:
+            image.save(image_dir / file_name, quality=quality)
+        images.append(
+            {"license": 1, "file_name": file_name, "coco_url": "", "height": height, "width": width,
+             "date_captured": "2013-11-14 17:02:52", "flickr_url": "", "id": image_id}
+        )  # fmt: skip
+        crowd_form = "list" if kind == "crowd_list" else "string"
+        crowd_count = 0
+        for instance in instances:
+            annotation = _realistic_coco_annotation(instance, height, width, crowd_form)
+            if annotation is None:
+                continue
+            if instance.crowd:
+                ann_id = _COCO_CROWD_ANN_BASE + image_id * 10 + crowd_count
+                crowd_count += 1
+            else:
+                ann_id, next_ann_id = next_ann_id, next_ann_id + int(rng.integers(1, 5000))
+            annotations.append({**annotation, "image_id": image_id, "id": ann_id})
+    order = np.random.default_rng([seed, _SPLIT_CODES[f"coco/{split}"], 7])
+    return {
+        "info": {
+            "description": f"mobiledense realistic synthetic set in COCO 2017's format, seed {seed}",
+            "url": "", "version": "1.0", "year": 2017, "contributor": "mobiledense",
+            "date_created": "2017/09/01",
+        },
+        "licenses": [{"url": _CC0_URL, "id": 1, "name": "CC0-1.0"}],
+        # Real files list neither images nor annotations in id order.
+        "images": [images[i] for i in order.permutation(len(images))],
+        "annotations": [annotations[i] for i in order.permutation(len(annotations))],
+        "categories": [{"supercategory": sup, "id": cid, "name": name} for cid, name, sup in COCO_2017_CATEGORIES],
+    }  # fmt: skip
+
+
+def make_realistic_coco(
+    root: Path,
+    *,
+    num_train: int = 16,
+    num_val: int = 8,
+    seed: int = 0,
+    min_size: int = 160,
+    max_size: int = 256,
+) -> Path:
+    """Write a small COCO 2017 detection set with the real dataset's quirks.
+
+    Same layout as :func:`make_coco` (``root/{train,val}2017/``, ``root/annotations/
+    instances_{train,val}2017.json``) and the same kind of drawings, but:
+
+    - ``categories`` lists all 80 COCO 2017 categories with their real ids (1..90 with 10 gaps,
+      ``COCO_2017_CATEGORIES``); objects are drawn for five of them (``REALISTIC_COCO_CATEGORY_IDS``:
+      1, 13, 46, 72 and 90), the other 75 have no annotation, as any category may lack one in a split;
+    - image ids are sparse (never ``1..N``), file names are COCO's 12-digit ones (``000000000139.jpg``),
+      and neither images nor annotations are listed in id order; crowd annotation ids exceed 32 bits;
+    - per split (``_REALISTIC_COCO_KINDS``, by image index): a greyscale JPEG, a CMYK JPEG, an RGBA
+      PNG, images without annotations, crowd regions (``iscrowd: 1``) as uncompressed RLE (``counts``
+      a list, as in COCO's files) and as compressed RLE (``counts`` a str), an object whose box is
+      0.6 px wide; other objects have polygons and boxes that are the polygons' extent;
+    - ``info`` and ``licenses`` blocks and COCO's image fields (``license``, ``coco_url``,
+      ``date_captured``, ``flickr_url``).
+
+    Args:
+        root: Output folder (created); existing files of the same names are overwritten.
+        num_train: Images in train2017 (16 covers every quirk above).
+        num_val: Images in val2017 (8 covers every quirk but the second empty image).
+        seed: Same seed, same bytes.
+        min_size: Smallest image side in pixels.
+        max_size: Largest image side in pixels.
+
+    Returns:
+        ``root``.
+    """
+    _check_sizes(min_size, max_size)
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    train_ids, val_ids = _realistic_image_ids(seed, (num_train, num_val))
+    next_ann_id = 1768
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        data = _write_realistic_coco_split(
+            root, split, ids, seed=seed, sizes=(min_size, max_size), next_ann_id=next_ann_id
+        )
+        plain = [a["id"] for a in data["annotations"] if not a["iscrowd"]]
+        next_ann_id = max(plain, default=next_ann_id) + 1
+        text = json.dumps(data, separators=(",", ":"))
+        (root / "annotations" / f"instances_{split}2017.json").write_text(text)
+    return root
+
+
+def _realistic_voc_stems(seed: int, count: int) -> list[str]:
+    """``count`` distinct VOC-style image ids (``2008_000123``) over the years 2007-2011, sorted."""
+    rng = np.random.default_rng([seed, 98])
+    numbers = rng.choice(5 * 9000, size=count, replace=False)
+    return sorted(f"{2007 + int(n) // 9000}_{int(n) % 9000 + 1:06d}" for n in numbers)
+
+
+def make_realistic_voc(
+    root: Path,
+    *,
+    num_train: int = 16,
+    num_val: int = 8,
+    seed: int = 0,
+    min_size: int = 160,
+    max_size: int = 256,
+) -> Path:
+    """Write a small PASCAL VOC 2012 segmentation set with SBD's augmented labels, quirks included.
+
+    Layout (as the devkit plus the widely used ``SegmentationClassAug`` conversion of SBD ship it)::
+
+        root/VOCdevkit/VOC2012/JPEGImages/<id>.jpg        every image, also ones no split lists
+                              /SegmentationClass/<id>.png palette ('P') PNGs of train and val,
+                                                          VOC palette, 255 on a ~4 px band around
+                                                          every object, and over one "difficult" object
+                              /SegmentationClassAug/<id>.png  grey ('L') PNGs of train_aug and val;
+                                                          SBD-only images have no void band
+                              /ImageSets/Segmentation/{train,val,trainval}.txt   one id per line
+                              /ImageSets/Segmentation/train_aug.txt  "/JPEGImages/<id>.jpg
+                                                          /SegmentationClassAug/<id>.png" lines
+
+    Image ids look like VOC's (``2009_001234``, several years); train and val ids interleave (each
+    list is sorted, as VOC's are); ``train_aug`` is train plus ``REALISTIC_VOC_SBD_EXTRA`` SBD-only
+    images, never a val image; ``REALISTIC_VOC_UNLISTED`` JPEGs belong to no split.
+
+    Args:
+        root: Output folder (created); existing files of the same names are overwritten.
+        num_train: Images in train.txt.
+        num_val: Images in val.txt.
+        seed: Same seed, same bytes.
+        min_size: Smallest image side in pixels.
+        max_size: Largest image side in pixels.
+
+    Returns:
+        ``root``.
+    """
+    _check_sizes(min_size, max_size)
+    root = Path(root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    folders = ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation")
+    for sub in folders:
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    total = num_train + num_val + REALISTIC_VOC_SBD_EXTRA + REALISTIC_VOC_UNLISTED
+    stems = _realistic_voc_stems(seed, total)
+    roles = np.random.default_rng([seed, 97]).permutation(
+        ["train"] * num_train + ["val"] * num_val + ["sbd"] * REALISTIC_VOC_SBD_EXTRA
+        + ["none"] * REALISTIC_VOC_UNLISTED
+    ).tolist()  # fmt: skip
+    lists: dict[str, list[str]] = {"train": [], "val": [], "sbd": [], "none": []}
+    for stem, role in zip(stems, roles):
+        index = len(lists[role])
+        lists[role].append(stem)
+        rng = _image_rng(seed, f"voc/{role}", index)
+        image, labels, instance_map = _draw_voc_scene(rng, (min_size, max_size))
+        image.save(voc / "JPEGImages" / f"{stem}.jpg", quality=int(rng.integers(85, 96)))
+        if role == "none":
+            continue
+        if role == "sbd":  # SBD's boundaries carry no void band
+            Image.fromarray(labels).save(voc / "SegmentationClassAug" / f"{stem}.png")  # uint8: 'L'
+            continue
+        labels[_voc_border(instance_map)] = VOC_IGNORE_INDEX
+        if role == "train" and index == _REALISTIC_VOC_DIFFICULT_AT and len(np.unique(instance_map)) > 2:
+            labels[instance_map == instance_map.max()] = VOC_IGNORE_INDEX  # a "difficult" object (of 2+)
+        _save_palette_png(labels, voc / "SegmentationClass" / f"{stem}.png")
+        Image.fromarray(labels).save(voc / "SegmentationClassAug" / f"{stem}.png")  # the same labels, 'L'
+    sets = voc / "ImageSets" / "Segmentation"
+    for split, names in (("train", lists["train"]), ("val", lists["val"]),
+                         ("trainval", sorted(lists["train"] + lists["val"]))):  # fmt: skip
+        (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    aug = sorted(lists["train"] + lists["sbd"])
+    (sets / "train_aug.txt").write_text(
+        "".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in aug)
+    )
     return root

@@ -37,13 +37,15 @@ from tasks.data.segmentation_transforms import (
     pad_collate,
     train_transforms,
 )
+from tasks.data.synthetic import (  # VOC's class names and void label are defined once, there
+    SYNTHETIC_VOC_ROOT,
+    VOC_CLASSES,
+    VOC_IGNORE_INDEX,
+    may_write_synthetic,
+    synthetic_hint,
+)
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
-IGNORE_INDEX = 255
+IGNORE_INDEX = VOC_IGNORE_INDEX  # VOC's "void": object borders and difficult regions, never scored
 
 
 def find_voc2012(root: str | Path) -> Path:
@@ -223,9 +225,14 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
         val_batch_size: evaluation images per batch (1: no padding).
         num_workers: DataLoader workers.
         train_limit, val_limit: use only the first N ids of a split (quick runs).
-        synthetic: when ``root`` holds no VOC yet, write the project's synthetic VOC-format set
-            there first (``tasks.data.synthetic.make_voc``: 300 train / 50 val images of five
-            shapes); for demos and CPU runs.
+        synthetic: the data is the project's synthetic VOC-format set
+            (``tasks.data.synthetic.make_voc``: 300 train / 50 val images of five shapes; for
+            demos and CPU runs). When ``root`` is ``tasks.data.synthetic.SYNTHETIC_VOC_ROOT``
+            (``data/synthetic/voc``, the synthetic config's) and holds no VOC yet, the set is
+            written there first. Any other ``root`` must exist: a mistyped ``--data.root`` stops
+            with "not found" rather than training on a new set.
+        write_synthetic: write the synthetic set into ``root`` when it holds no VOC, whatever
+            ``root`` is (tests, demos, a scratch folder).
         num_classes: classes in the masks, background included (21 for VOC); masks with other
             labels are refused, naming the file. The model's ``num_classes`` must cover it.
         skip_unreadable: training leaves out ids whose files are missing and replaces unreadable
@@ -257,6 +264,7 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         synthetic: bool = False,
+        write_synthetic: bool = False,
         num_classes: int = len(VOC_CLASSES),
         skip_unreadable: bool = False,
     ) -> None:
@@ -275,8 +283,10 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
         self.val_dataset: VOCSegmentation | None = None
 
     def prepare_data(self) -> None:
-        """Write the synthetic set when asked to and ``root`` has no VOC (runs on one process)."""
-        if not self.hparams.synthetic:
+        """Write the synthetic set when allowed to (see ``synthetic``) and ``root`` has no VOC
+        (runs on one process)."""
+        hp = self.hparams
+        if not may_write_synthetic(self.root, SYNTHETIC_VOC_ROOT, synthetic=hp.synthetic, write=hp.write_synthetic):
             return
         try:
             find_voc2012(self.root)
@@ -285,14 +295,24 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
 
             make_voc(self.root)
 
+    def voc_folder(self) -> Path:
+        """:func:`find_voc2012` of ``root``; under a synthetic config its error says how to write the set."""
+        try:
+            return find_voc2012(self.root)
+        except FileNotFoundError as error:
+            if not self.hparams.synthetic:
+                raise
+            raise FileNotFoundError(f"{error}; {synthetic_hint(SYNTHETIC_VOC_ROOT)}") from error
+
     def resolve_train_split(self) -> str:
         split = self.hparams.train_split
         if split == "auto":
-            return "train_aug" if has_train_aug(find_voc2012(self.root)) else "train"
+            return "train_aug" if has_train_aug(self.voc_folder()) else "train"
         return split
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        self.voc_folder()  # a missing root: one line, with the hint above
         if stage in (None, "fit") and self.train_dataset is None:
             transform = train_transforms(
                 hp.crop_size,

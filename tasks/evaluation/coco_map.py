@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
 Backend = Literal["auto", "pycocotools", "faster"]
 
@@ -163,8 +163,16 @@ def evaluate_detections(
 
     Returns:
         ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl`` as fractions (``-1``
-        where COCOeval has nothing to measure, e.g. no small objects), and ``per_class``: a dict
-        ``{category_id: AP}`` (``-1`` for categories without ground truth).
+        where COCOeval has nothing to measure, e.g. no small objects), ``per_class``: a dict
+        ``{category_id: AP}`` (``-1`` for categories without ground truth), and
+        ``unscored_detections`` / ``unscored_category_ids``: how many results name a category
+        id that is not in the ground truth, and which ids. COCOeval evaluates the ground truth's
+        categories only, so such results are never scored (pycocotools keeps and ignores them);
+        they are left out before either backend runs, so both give pycocotools' numbers.
+
+    Raises:
+        ValueError: a result names an image that is not in the ground truth (pycocotools'
+            ``loadRes`` refuses those too).
     """
     backend = _resolve_backend(backend)
     gt = load_coco(coco_gt, backend)
@@ -172,6 +180,10 @@ def evaluate_detections(
     unknown = {d["image_id"] for d in detections} - set(gt.getImgIds())
     if unknown:
         raise ValueError(f"results name image ids not in the ground truth: {sorted(unknown)[:8]}")
+    category_ids = set(gt.getCatIds())
+    unscored = [d["category_id"] for d in detections if d["category_id"] not in category_ids]
+    if unscored:
+        detections = [d for d in detections if d["category_id"] in category_ids]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if backend == "faster":
@@ -202,6 +214,8 @@ def evaluate_detections(
         valid = values[values > -1]
         per_class[int(category_id)] = float(valid.mean()) if valid.size else -1.0
     summary["per_class"] = per_class
+    summary["unscored_detections"] = len(unscored)
+    summary["unscored_category_ids"] = sorted(set(unscored))
     return summary
 
 
@@ -233,6 +247,12 @@ class COCOMeanAveragePrecision(Metric):
     converts them to the COCO results format (label -> category id, xyxy -> xywh) and calls
     :func:`evaluate_detections` on the images seen.
 
+    Detections whose label has no category id in ``label_to_category_id`` cannot be written as
+    COCO results: they are dropped, counted and reported (a warning naming the count and the
+    labels; :attr:`dropped_detections` and :attr:`dropped_labels`), never a crash. ``compute()``
+    adds ``unscored_detections``: those plus the results :func:`evaluate_detections` could not
+    score (category ids not in the ground truth).
+
     DDP: states are concatenated across ranks. A ``DistributedSampler`` pads the last batches
     with repeated images, so every image's detections are kept from one source only (the first
     rank that reported it): the result equals a single-process evaluation.
@@ -259,9 +279,12 @@ class COCOMeanAveragePrecision(Metric):
         super().__init__(**kwargs)
         self.backend = _resolve_backend(backend)
         self.coco_gt = None
-        self.label_to_category_id: dict[int, int] | None = None
+        self.label_to_category_id = _label_map(label_to_category_id)
         if coco_gt is not None:
             self.set_ground_truth(coco_gt, label_to_category_id)
+        # Detections of the last results() whose label has no category id: how many, which labels.
+        self.dropped_detections = 0
+        self.dropped_labels: list[int] = []
         # image_id, source: one row per image passed to update().
         self.add_state("image_records", default=[], dist_reduce_fx="cat")
         # xyxy boxes and scores, and (image_id, label, source) of every detection.
@@ -273,11 +296,7 @@ class COCOMeanAveragePrecision(Metric):
     def set_ground_truth(self, coco_gt: Any, label_to_category_id: Mapping[int, int] | None = None) -> None:
         """Give the ground truth (``COCO``, dataset dict or path) and the label -> category-id map."""
         self.coco_gt = load_coco(coco_gt, self.backend)
-        self.label_to_category_id = (
-            None
-            if label_to_category_id is None
-            else {int(k): int(v) for k, v in label_to_category_id.items()}
-        )
+        self.label_to_category_id = _label_map(label_to_category_id)
 
     def update(self, image_ids: Tensor | Sequence[int], detections: Sequence[Mapping[str, Tensor]]) -> None:
         """Add one batch.
@@ -313,7 +332,12 @@ class COCOMeanAveragePrecision(Metric):
             self.det_meta.append(meta)
 
     def results(self) -> tuple[list[int], np.ndarray]:
-        """The images seen and their detections as ``[D, 7]`` COCO result rows (de-duplicated)."""
+        """The images seen and their detections as ``[D, 7]`` COCO result rows (de-duplicated).
+
+        Rows are ``(image_id, x, y, w, h, score, category_id)``; detections whose label has no
+        category id are left out and reported (see the class docstring).
+        """
+        self.dropped_detections, self.dropped_labels = 0, []
         if _is_empty(self.image_records):
             return [], np.zeros((0, 7))
         records = dim_zero_cat(self.image_records).cpu().numpy()
@@ -331,9 +355,16 @@ class COCOMeanAveragePrecision(Metric):
         boxes, scores, meta = boxes[keep], scores[keep], meta[keep]
         labels = meta[:, 1]
         if self.label_to_category_id is not None:
-            unknown = set(np.unique(labels).tolist()) - set(self.label_to_category_id)
-            if unknown:
-                raise ValueError(f"labels {sorted(unknown)} have no COCO category id in label_to_category_id")
+            known = np.isin(labels, np.fromiter(self.label_to_category_id, dtype=np.int64))
+            if not known.all():
+                self.dropped_detections = int((~known).sum())
+                self.dropped_labels = np.unique(labels[~known]).tolist()
+                rank_zero_warn(
+                    f"{self.dropped_detections} detections have labels without a COCO category id "
+                    f"{self.dropped_labels} and are not scored (label_to_category_id maps "
+                    f"{len(self.label_to_category_id)} labels)"
+                )
+                boxes, scores, meta, labels = boxes[known], scores[known], meta[known], labels[known]
             lookup = np.vectorize(self.label_to_category_id.__getitem__, otypes=[np.int64])
             category_ids = lookup(labels) if len(labels) else labels
         else:
@@ -343,7 +374,8 @@ class COCOMeanAveragePrecision(Metric):
         return image_ids.tolist(), rows
 
     def compute(self) -> dict[str, Tensor]:
-        """The twelve COCO summary numbers (``AP``, ``AP50``, ... ``ARl``) as 0-d tensors."""
+        """The twelve COCO summary numbers (``AP``, ``AP50``, ... ``ARl``) as 0-d tensors, and
+        ``unscored_detections`` (see the class docstring)."""
         if self.coco_gt is None:
             raise RuntimeError(
                 "COCOMeanAveragePrecision has no ground truth: call set_ground_truth(coco_gt, "
@@ -351,13 +383,26 @@ class COCOMeanAveragePrecision(Metric):
             )
         image_ids, rows = self.results()
         if not image_ids:
-            return {key: torch.tensor(0.0) for key in SUMMARY_KEYS}
+            return {key: torch.tensor(0.0) for key in (*SUMMARY_KEYS, "unscored_detections")}
         summary = evaluate_detections(self.coco_gt, rows, image_ids=image_ids, backend=self.backend)
-        return {key: torch.tensor(summary[key], dtype=torch.float32) for key in SUMMARY_KEYS}
+        computed = {key: torch.tensor(summary[key], dtype=torch.float32) for key in SUMMARY_KEYS}
+        unscored = self.dropped_detections + summary["unscored_detections"]
+        computed["unscored_detections"] = torch.tensor(float(unscored))
+        return computed
 
     def reset(self) -> None:
         super().reset()
         self._seen = 0
+
+
+def _label_map(label_to_category_id: Mapping[int, int] | None) -> dict[int, int] | None:
+    return None if label_to_category_id is None else {int(k): int(v) for k, v in label_to_category_id.items()}
+
+
+def coco_results(rows: np.ndarray) -> list[dict[str, Any]]:
+    """``[D, 7]`` rows of :meth:`COCOMeanAveragePrecision.results` as COCO results-format dicts
+    (what a ``detections.json`` holds)."""
+    return _results_as_dicts(rows)
 
 
 def _is_empty(state: list[Tensor] | Tensor) -> bool:

@@ -22,6 +22,13 @@ def voc_palette() -> list[tuple[int, int, int]]:
     return [tuple(VOC_PALETTE[i : i + 3]) for i in range(0, len(VOC_PALETTE), 3)]
 
 
+def label_png(labels: np.ndarray) -> Image.Image:
+    """A class-index map ``[H, W]`` (0..255) as a palette PNG image in VOC's colours (VOC's own format)."""
+    image = Image.fromarray(np.asarray(labels).astype(np.uint8), mode="L").convert("P")
+    image.putpalette(VOC_PALETTE)
+    return image
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
