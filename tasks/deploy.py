@@ -12,13 +12,21 @@ Exported graphs take ``images`` as Float[N, 3, H, W] *normalised* with ImageNet'
 :func:`optimize_for_inference` prepares either network for eager / TorchScript inference: every
 BatchNorm folded into the convolution before it (:func:`fuse_conv_bn`; ONNX Runtime folds them
 itself) and weights in channels-last memory format.
+
+:func:`export_onnx` and :func:`export_torchscript` write a wrapper to a file;
+:func:`load_runner` runs such a file again (ONNX Runtime or ``torch.jit.load``), numpy in and
+out. ``tools/export.py`` and ``tools/benchmark.py`` both use them.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -97,3 +105,58 @@ def optimize_for_inference(model: ModuleT) -> ModuleT:
     and DeepLabv3's latency (``python tools/benchmark.py --only models``). Inputs may stay NCHW.
     """
     return fuse_conv_bn(model).to(memory_format=torch.channels_last)
+
+
+def onnx_opset() -> int:
+    """The newest opset both the installed ``onnx`` and torch's TorchScript-based exporter know."""
+    import onnx
+    from torch.onnx import _constants
+
+    return min(onnx.defs.onnx_opset_version(), _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def export_onnx(module: nn.Module, example: Tensor, path: Path, dynamic_size: bool) -> None:
+    """Trace ``module`` (a wrapper with ``output_names``) on ``example`` into an ONNX file.
+
+    The input is named ``images`` with a dynamic batch, and dynamic height and width when
+    ``dynamic_size`` (segmentation; detection's anchors fix its input size).
+    """
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shapes read as Python numbers
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=list(module.output_names),
+            dynamic_axes={"images": axes},
+            opset_version=onnx_opset(),
+            dynamo=False,
+        )
+
+
+def export_torchscript(module: nn.Module, example: Tensor, path: Path) -> None:
+    """Trace ``module`` on ``example`` and save it as a TorchScript file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+    traced.save(str(path))
+
+
+def load_runner(path: Path, export_format: str, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Run the exported file: images in, list of numpy outputs out."""
+    if export_format == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda images: session.run(None, {"images": images})
+    scripted = torch.jit.load(str(path)).eval()
+
+    def run_scripted(images: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in scripted(torch.from_numpy(images))]
+
+    return run_scripted

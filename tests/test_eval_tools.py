@@ -175,16 +175,16 @@ def test_eval_coco_counts_unknown_categories_and_scores_as_pycocotools(
 
 
 def test_test_tool_writes_only_detections_with_a_category(
-    detection_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    detection_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # tools/test.py converts labels with the metric validation uses: a label without a category
-    # id (here 9, beyond the 5 classes) is dropped and reported, not a KeyError.
+    # tools/test.py (tasks.evaluation.checkpoint) converts labels with the metric validation uses:
+    # a label without a category id (here 9, beyond the 5 classes) is dropped and reported, not a KeyError.
     from tasks.checkpoints import load_task
     from tasks.detection import SSDLiteDetection
-    from tools import test as test_tool
+    from tasks.evaluation import checkpoint as evaluation
 
     task = load_task(detection_checkpoint, (SSDLiteDetection,))
-    datamodule = test_tool.load_datamodule(detection_checkpoint, num_workers=0, persistent_workers=False)
+    datamodule = evaluation.load_datamodule(detection_checkpoint, num_workers=0, persistent_workers=False)
     predict_step = task.predict_step
 
     def with_a_stray_label(batch: dict, batch_idx: int) -> list[dict]:
@@ -197,12 +197,12 @@ def test_test_tool_writes_only_detections_with_a_category(
 
     monkeypatch.setattr(task, "predict_step", with_a_stray_label)
     with pytest.warns(UserWarning, match=r"detections have labels without a COCO category id \[9\]"):
-        summary = test_tool.test_detection(task, datamodule, tmp_path, "pycocotools")
+        summary, report = evaluation.evaluate_detection(task, datamodule, tmp_path, "pycocotools")
     written = json.loads((tmp_path / "detections.json").read_text())
     categories = set(datamodule.label_to_category_id.values())
     assert written and {d["category_id"] for d in written} <= categories
     assert summary["unscored_detections"] == 0 and 0.0 <= summary["AP"] <= 1.0
-    assert "unscored detections" in capsys.readouterr().out
+    assert "unscored detections" in report
 
 
 def test_eval_coco_empty_detections_warn_and_score_zero(coco_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from tasks.timing import timed_runs  # noqa: E402
+
 SECTIONS = ("models", "train", "data", "eval")  # the default run
 ON_REQUEST = ("convergence",)
 CURVE_KEYS = {"val/AP": "AP", "val/AP50": "AP50", "val/AP75": "AP75", "val/mIoU": "mIoU"}
@@ -90,18 +92,6 @@ MODELS = (
 )
 
 
-def timed_runs(call: Callable[[], Any], runs: int, warmup: int) -> list[float]:
-    """Wall-clock seconds of ``runs`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def latency_stats(times: Sequence[float], batch: int) -> dict[str, float]:
     array = np.asarray(times) * 1000
     q25, median, q75 = np.percentile(array, [25, 50, 75])
@@ -109,13 +99,12 @@ def latency_stats(times: Sequence[float], batch: int) -> dict[str, float]:
 
 
 def onnx_runner(model: torch.nn.Module, name: str, size: int, folder: Path, threads: int) -> Callable[[np.ndarray], Any]:
-    """Export ``model`` with ``tools/export.py``'s exporter and return an ONNX Runtime call.
+    """Export ``model`` with ``tools/export.py``'s exporter (:mod:`tasks.deploy`); return an ONNX Runtime call.
 
     Ours go through the deployment wrappers (detection with its NMS inside the graph);
     torchvision's segmenters export their ``out`` logits.
     """
-    from tasks.deploy import ExportableDetector, ExportableSegmenter
-    from tools.export import export_onnx, load_runner
+    from tasks.deploy import ExportableDetector, ExportableSegmenter, export_onnx, load_runner
 
     if name == "ours_ssdlite_mobilenetv2":
         wrapper: torch.nn.Module = ExportableDetector(model, postprocess=True)
@@ -130,8 +119,8 @@ def onnx_runner(model: torch.nn.Module, name: str, size: int, folder: Path, thre
 
 def bench_model(name: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool) -> dict[str, Any]:
     """Measure one model in this process (call through ``--model`` for a fresh process)."""
+    from tasks.complexity import count
     from tasks.deploy import optimize_for_inference
-    from tools.summary import count
 
     torch.set_num_threads(threads)
     model, size, call = build_model(name)

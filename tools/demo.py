@@ -19,18 +19,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from tasks import cli  # noqa: E402
 from tasks.data.synthetic import make_coco, make_voc  # noqa: E402
-from tools import predict, test, train  # noqa: E402
+from tasks.evaluation.checkpoint import evaluate_checkpoint  # noqa: E402
+from tasks.inference import Predictor  # noqa: E402
+from tasks.prediction_files import image_paths, predict_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_briefly(config: str, data_root: Path, out: Path, steps: int, val_every: int) -> Path:
     """Fit ``config`` for ``steps`` optimiser steps into ``out``; return the last checkpoint."""
-    train.main(
+    cli.main(
         [
             "fit",
             "--config", str(ROOT / "configs" / config),
@@ -48,6 +52,28 @@ def train_briefly(config: str, data_root: Path, out: Path, steps: int, val_every
     if not checkpoints:
         raise RuntimeError(f"{out}: training wrote no last.ckpt")
     return checkpoints[-1]
+
+
+def evaluate_and_print(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """What ``tools/test.py CHECKPOINT --out OUT`` prints and returns."""
+    try:
+        metrics, report = evaluate_checkpoint(checkpoint, out)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(report)
+    return metrics
+
+
+def draw_and_print(checkpoint: Path, inputs: Sequence[Path], out: Path, limit: int) -> list[Path]:
+    """What ``tools/predict.py CHECKPOINT INPUTS --out OUT --limit LIMIT`` writes and prints."""
+    try:
+        written = predict_files(Predictor.from_checkpoint(checkpoint), image_paths(inputs)[:limit], out)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {len(written)} pictures, grid.png and the predictions to {out}")
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -76,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"[2/4] {task}: training {config} for {steps} steps", flush=True)
         checkpoint = train_briefly(config, root, out, steps, val_every=max(1, steps // 3))
         print(f"[3/4] {task}: evaluating {checkpoint}", flush=True)
-        metrics = test.main([str(checkpoint), "--out", str(out / "predictions")])
+        metrics = evaluate_and_print(checkpoint, out / "predictions")
         results[task] = metrics["AP"] if task == "detection" else metrics["mIoU"]
         print(f"[4/4] {task}: drawing predictions", flush=True)
         if task == "segmentation":  # draw validation images, not training ones
@@ -84,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             inputs = [images / f"{stem}.jpg" for stem in stems[: args.pictures]]
         else:
             inputs = [images]
-        predict.main([str(checkpoint), *map(str, inputs), "--out", str(out / "pictures"), "--limit", str(args.pictures)])
+        draw_and_print(checkpoint, inputs, out / "pictures", args.pictures)
 
     minutes = (time.perf_counter() - start) / 60
     print("\n" + "=" * 72)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,60 +27,19 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tasks.deploy import DETECTION_OUTPUTS, ExportableDetector, ExportableSegmenter, optimize_for_inference  # noqa: E402
+from tasks.checkpoints import load_task  # noqa: E402
+from tasks.deploy import (  # noqa: E402
+    DETECTION_OUTPUTS,
+    ExportableDetector,
+    ExportableSegmenter,
+    export_onnx,
+    export_torchscript,
+    load_runner,
+    optimize_for_inference,
+)
 from tasks.detection import SSDLiteDetection  # noqa: E402
 from tasks.segmentation import DeepLabV3Segmentation  # noqa: E402
-from tools.benchmark import timed_runs  # noqa: E402
-from tasks.checkpoints import load_task  # noqa: E402
-
-
-def onnx_opset() -> int:
-    """The newest opset both the installed ``onnx`` and torch's TorchScript-based exporter know."""
-    import onnx
-    from torch.onnx import _constants
-
-    return min(onnx.defs.onnx_opset_version(), _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-
-
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, dynamic_size: bool) -> None:
-    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shapes read as Python numbers
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=list(module.output_names),
-            dynamic_axes={"images": axes},
-            opset_version=onnx_opset(),
-            dynamo=False,
-        )
-
-
-def export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, (example,), check_trace=False)
-    traced.save(str(path))
-
-
-def load_runner(path: Path, export_format: str, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """Run the exported file: images in, list of numpy outputs out."""
-    if export_format == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return lambda images: session.run(None, {"images": images})
-    scripted = torch.jit.load(str(path)).eval()
-
-    def run_scripted(images: np.ndarray) -> list[np.ndarray]:
-        with torch.no_grad():
-            return [t.numpy() for t in scripted(torch.from_numpy(images))]
-
-    return run_scripted
+from tasks.timing import timed_runs  # noqa: E402
 
 
 def median_ms(call: Callable[[], Any], runs: int = 10) -> float:

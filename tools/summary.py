@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from backbones.mobilenetv2 import MobileNetV2  # noqa: E402
+from tasks.complexity import count  # noqa: E402
 
 
 class MobileNetV2Classifier(nn.Module):
@@ -78,32 +78,6 @@ def model_from_config(path: Path, overrides: Sequence[str] = ()) -> nn.Module:
     if not isinstance(getattr(task, "model", None), nn.Module):
         raise ValueError(f"{path}: {type(task).__name__} has no 'model' network attribute to count")
     return task.model
-
-
-def count(model: nn.Module, input_size: int) -> dict[str, object]:
-    """Parameters and multiply-adds of ``model`` on one ``input_size``-square image, per part."""
-    model.eval()
-    with FlopCounterMode(display=False, depth=2) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, input_size, input_size))
-    flops = counter.get_flop_counts()
-    root = type(model).__name__
-    parts = []
-    for name, child in model.named_children():
-        child_flops = sum(flops.get(f"{root}.{name}", {}).values())
-        parts.append(
-            {
-                "name": name,
-                "params": sum(p.numel() for p in child.parameters()),
-                "madds": int(child_flops // 2),
-            }
-        )
-    return {
-        "model": root,
-        "input_size": input_size,
-        "params": sum(p.numel() for p in model.parameters()),
-        "madds": int(counter.get_total_flops() // 2),
-        "parts": parts,
-    }
 
 
 def format_table(summary: dict[str, object]) -> str:
