@@ -19,14 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
 
 from tasks.checkpoints import load_task, read_checkpoint, recorded_class
-from tasks.data.synthetic import VOC_PALETTE
 from tasks.detection import SSDLiteDetection
+from tasks.drawing import label_png
 from tasks.evaluation import coco_files, label_files
 from tasks.evaluation.coco_map import COCOMeanAveragePrecision, coco_results
 from tasks.segmentation import DeepLabV3Segmentation
@@ -80,9 +78,7 @@ def evaluate_segmentation(
     stems = []
     for index, batch in batches(datamodule):
         for image_id, labels in zip(batch["image_ids"], task.predict_step(batch, index)):
-            image = Image.fromarray(labels.numpy().astype(np.uint8), mode="L").convert("P")
-            image.putpalette(VOC_PALETTE)
-            image.save(labels_dir / f"{image_id}.png")
+            label_png(labels.numpy()).save(labels_dir / f"{image_id}.png")
             stems.append(image_id)
     dataset = datamodule.val_dataset
     names = list(datamodule.class_names)
