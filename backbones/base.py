@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+# torchvision's ImageNet statistics (RGB, 0-1 scale): the pixels the backbone's ImageNet weights
+# were trained on were normalised with these. The one definition: networks normalise their
+# 0..255 input with them, data pads with the mean pixel.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class FeatureSpec:

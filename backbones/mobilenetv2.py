@@ -13,7 +13,6 @@ construction, so heads never copy channel counts by hand.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones.base import Backbone, FeatureSpec
+from backbones.layers import ConvBNAct
 
 # Table 2: expansion factor t, output channels c, repeats n, stride s of the first repeat.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -63,44 +63,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-class ConvBNAct(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d, followed by ReLU6 unless ``activation`` is False.
-
-    ``bn_eps`` / ``bn_momentum`` default to PyTorch's BatchNorm2d values (the backbone's).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 1,
-        *,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        activation: bool = True,
-        bn_eps: float = 1e-5,
-        bn_momentum: float = 0.1,
-    ) -> None:
-        padding = (kernel_size - 1) // 2 * dilation
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=nn.Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-                bias=False,
-            ),
-            bn=nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum),
-        )
-        if activation:
-            layers["act"] = nn.ReLU6(inplace=True)
-        super().__init__(layers)
-
-
 class InvertedResidual(nn.Module):
     """The bottleneck block of Table 1: expand (1x1) -> depthwise (3x3) -> linear project (1x1)."""
 
@@ -120,7 +82,7 @@ class InvertedResidual(nn.Module):
         self.depthwise = ConvBNAct(
             hidden, hidden, 3, stride=stride, dilation=dilation, groups=hidden
         )
-        self.project = ConvBNAct(hidden, out_channels, 1, activation=False)
+        self.project = ConvBNAct(hidden, out_channels, 1, activation=None)
         self.use_residual = stride == 1 and in_channels == out_channels
         self.expanded_channels = hidden
 
@@ -152,8 +114,9 @@ class MobileNetV2(Backbone):
             width 1.0 only) or a path to a state dict in torchvision's or this module's format.
         frozen_stages: freeze the first N rows of Table 2 (0 = stem conv, 1..7 = the bottleneck
             rows, 8 = final conv): no gradients and BatchNorm kept in eval mode.
-        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters, for
-            fine-tuning with small batches.
+
+    Freezing every BatchNorm (small-batch fine-tuning) is the training task's policy
+    (``freeze_bn`` of :class:`tasks.training.DenseTask`), not the backbone's.
     """
 
     def __init__(
@@ -164,7 +127,6 @@ class MobileNetV2(Backbone):
         out_features: Sequence[str] = DEFAULT_OUTPUTS,
         weights: str | None = None,
         frozen_stages: int = 0,
-        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
@@ -182,7 +144,6 @@ class MobileNetV2(Backbone):
         self.output_stride = output_stride
         self.out_features = tuple(name for name in OUTPUT_NAMES if name in out_features)
         self.frozen_stages = frozen_stages
-        self.freeze_bn = freeze_bn
 
         last_block = _last_block_needed(self.out_features)
         stem_channels = make_divisible(STEM_CHANNELS * width_mult)
@@ -293,22 +254,14 @@ class MobileNetV2(Backbone):
     def _apply_freezing(self) -> None:
         for module in self._frozen_modules():
             module.requires_grad_(False)
-        if self.freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.requires_grad_(False)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> MobileNetV2:
-        """Switch mode, keeping frozen stages and (with ``freeze_bn``) all BatchNorm in eval mode."""
+        """Switch mode, keeping frozen stages in eval mode."""
         super().train(mode)
         if mode:
             for module in self._frozen_modules():
                 module.eval()
-            if self.freeze_bn:
-                for module in self.modules():
-                    if isinstance(module, nn.BatchNorm2d):
-                        module.eval()
         return self
 
 

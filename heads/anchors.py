@@ -6,7 +6,7 @@ input's width and y as a fraction of its height. Anchors then depend on the feat
 alone, and a detection maps back to any image (the network input, or the original picture SSD's
 fixed-size resize came from) by one multiplication by that image's width and height.
 
-* :func:`ssd_box_specs` / :class:`DefaultBoxGenerator`: the default boxes of SSD (Liu et al.,
+* :class:`DefaultBoxes` / :class:`DefaultBoxGenerator`: the default boxes of SSD (Liu et al.,
   2016, section 2.2) with the TF API's ``ssd_anchor_generator`` parameters (``num_layers: 6,
   min_scale: 0.2, max_scale: 0.95``, aspect ratios 1, 2, 1/2, 3, 1/3 plus one box at the
   interpolated scale, three boxes on the first layer), cached per feature-map size.
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,17 +38,9 @@ BACKGROUND = -1
 IGNORE = -2
 
 
-def ssd_box_specs(
-    num_layers: int = 6,
-    *,
-    min_scale: float = 0.2,
-    max_scale: float = 0.95,
-    scales: Sequence[float] | None = None,
-    aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5, 3.0, 1.0 / 3.0),
-    interpolated_scale_aspect_ratio: float = 1.0,
-    reduce_boxes_in_lowest_layer: bool = True,
-) -> list[list[tuple[float, float]]]:
-    """The ``(scale, aspect_ratio)`` of every default box of every layer (TF's ``create_ssd_anchors``).
+@dataclass(frozen=True)
+class DefaultBoxes:
+    """SSD's default boxes, as TF's ``ssd_anchor_generator`` describes them (the one definition).
 
     Scales are spaced linearly from ``min_scale`` to ``max_scale`` over the layers (SSD, eq. 4);
     each layer gets one box per aspect ratio at its scale plus, when
@@ -54,8 +48,7 @@ def ssd_box_specs(
     (with ``s_{L} = 1``). With ``reduce_boxes_in_lowest_layer`` the first layer has only three
     boxes, ``(0.1, 1)``, ``(s_0, 2)`` and ``(s_0, 1/2)``, as the TF API's SSD configs.
 
-    Args:
-        num_layers: number of feature maps that carry boxes.
+    Attributes:
         min_scale: scale of the first layer, as a fraction of the shorter image side.
         max_scale: scale of the last layer.
         scales: explicit per-layer scales, overriding ``min_scale``/``max_scale``.
@@ -63,35 +56,52 @@ def ssd_box_specs(
         interpolated_scale_aspect_ratio: aspect ratio of the extra box between two scales,
             or ``<= 0`` for none.
         reduce_boxes_in_lowest_layer: give the first layer the three boxes above.
-
-    Returns:
-        ``specs[layer] = [(scale, aspect_ratio), ...]`` in the order the head predicts them.
     """
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-    if scales is None or len(scales) == 0:
-        if num_layers == 1:
-            layer_scales = [min_scale]
+
+    min_scale: float = 0.2
+    max_scale: float = 0.95
+    scales: Sequence[float] | None = None
+    aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5, 3.0, 1.0 / 3.0)
+    interpolated_scale_aspect_ratio: float = 1.0
+    reduce_boxes_in_lowest_layer: bool = True
+
+    def specs(self, num_layers: int = 6) -> list[list[tuple[float, float]]]:
+        """The ``(scale, aspect_ratio)`` of every box of every layer (TF's ``create_ssd_anchors``).
+
+        Returns:
+            ``specs[layer] = [(scale, aspect_ratio), ...]`` in the order the head predicts them.
+        """
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        scales = self.scales
+        if scales is None or len(scales) == 0:
+            if num_layers == 1:
+                layer_scales = [self.min_scale]
+            else:
+                step = (self.max_scale - self.min_scale) / (num_layers - 1)
+                layer_scales = [self.min_scale + step * i for i in range(num_layers)]
         else:
-            step = (max_scale - min_scale) / (num_layers - 1)
-            layer_scales = [min_scale + step * i for i in range(num_layers)]
-    else:
-        if len(scales) != num_layers:
-            raise ValueError(f"got {len(scales)} scales for {num_layers} layers")
-        layer_scales = list(scales)
-    if any(ratio <= 0 for ratio in aspect_ratios) or not aspect_ratios:
-        raise ValueError(f"aspect_ratios must be positive and non-empty, got {list(aspect_ratios)}")
-    layer_scales = [*layer_scales, 1.0]
-    specs: list[list[tuple[float, float]]] = []
-    for layer, (scale, next_scale) in enumerate(zip(layer_scales[:-1], layer_scales[1:])):
-        if layer == 0 and reduce_boxes_in_lowest_layer:
-            specs.append([(0.1, 1.0), (scale, 2.0), (scale, 0.5)])
-            continue
-        boxes = [(scale, float(ratio)) for ratio in aspect_ratios]
-        if interpolated_scale_aspect_ratio > 0:
-            boxes.append((math.sqrt(scale * next_scale), float(interpolated_scale_aspect_ratio)))
-        specs.append(boxes)
-    return specs
+            if len(scales) != num_layers:
+                raise ValueError(f"got {len(scales)} scales for {num_layers} layers")
+            layer_scales = list(scales)
+        if any(ratio <= 0 for ratio in self.aspect_ratios) or not self.aspect_ratios:
+            raise ValueError(f"aspect_ratios must be positive and non-empty, got {list(self.aspect_ratios)}")
+        layer_scales = [*layer_scales, 1.0]
+        specs: list[list[tuple[float, float]]] = []
+        for layer, (scale, next_scale) in enumerate(zip(layer_scales[:-1], layer_scales[1:])):
+            if layer == 0 and self.reduce_boxes_in_lowest_layer:
+                specs.append([(0.1, 1.0), (scale, 2.0), (scale, 0.5)])
+                continue
+            boxes = [(scale, float(ratio)) for ratio in self.aspect_ratios]
+            if self.interpolated_scale_aspect_ratio > 0:
+                boxes.append((math.sqrt(scale * next_scale), float(self.interpolated_scale_aspect_ratio)))
+            specs.append(boxes)
+        return specs
+
+
+def ssd_box_specs(num_layers: int = 6, **default_boxes: Any) -> list[list[tuple[float, float]]]:
+    """``DefaultBoxes(**default_boxes).specs(num_layers)``: the boxes of every layer."""
+    return DefaultBoxes(**default_boxes).specs(num_layers)
 
 
 def grid_anchors(

@@ -14,7 +14,6 @@ follow the backbone's width multiplier and output stride without any hand-copied
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import FeatureSpec
+from backbones.layers import ConvBNAct
 
 # DeepLabv3 section 3.3: atrous rates (6, 12, 18) at output stride 16, doubled at output stride 8.
 ASPP_RATES_AT_OS16: tuple[int, int, int] = (6, 12, 18)
@@ -67,18 +67,9 @@ class PoolingBatchNorm2d(nn.BatchNorm2d):
 
 def conv_bn_relu(
     in_channels: int, out_channels: int, kernel_size: int = 1, *, dilation: int = 1
-) -> nn.Sequential:
+) -> ConvBNAct:
     """Conv (no bias) + BatchNorm + ReLU: DeepLab's ASPP layer (ReLU, not ReLU6, as TF DeepLab)."""
-    padding = (kernel_size - 1) // 2 * dilation
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(
-                in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
-            ),
-            bn=nn.BatchNorm2d(out_channels),
-            act=nn.ReLU(inplace=True),
-        )
-    )
+    return ConvBNAct(in_channels, out_channels, kernel_size, dilation=dilation, activation=nn.ReLU)
 
 
 class ImagePooling(nn.Module):

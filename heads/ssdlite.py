@@ -13,9 +13,9 @@ torchvision's SSDLite), and predicts class logits and box deltas on the
 six maps (19x19, 10x10, 5x5, 3x3, 2x2, 1x1 at 300x300) with separable predictors.
 
 Head contract: ``forward(features) -> {"cls_logits", "bbox_regression", "anchors"}`` (tensors
-only), ``loss(outputs, targets) -> {"loss_cls", "loss_box"}``, ``postprocess(outputs,
-image_sizes) -> [{"boxes", "scores", "labels"}]``. Box geometry works in normalised coordinates
-(see :mod:`heads.anchors`).
+only), ``loss(outputs, targets, image_size) -> {"loss_cls", "loss_box"}``, ``postprocess(outputs,
+image_sizes) -> [{"boxes", "scores", "labels"}]``. Targets and detections are absolute xyxy
+pixels (one frame); inside, box geometry works in normalised coordinates (see :mod:`heads.anchors`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from backbones.base import FeatureSpec
-from backbones.mobilenetv2 import ConvBNAct
+from backbones.layers import ConvBNAct
 from heads.detection_postprocess import batched_detections
 from heads.anchors import (
     BOX_CODER_WEIGHTS,
@@ -39,7 +39,7 @@ from heads.anchors import (
     decode_boxes,
     encode_boxes,
     match_anchors,
-    ssd_box_specs,
+    DefaultBoxes,
 )
 
 LossType = Literal["hard_negative_mining", "focal"]
@@ -106,8 +106,7 @@ class SSDLiteHead(nn.Module):
         in_features: backbone maps the first SSDLite layers attach to, finest first; the extra
             layers grow from the last one.
         extra_depths: output channels of the extra layers (TF: 512, 256, 256, 128).
-        min_scale, max_scale, scales, aspect_ratios, interpolated_scale_aspect_ratio,
-            reduce_boxes_in_lowest_layer: the default boxes, see :func:`heads.anchors.ssd_box_specs`.
+        default_boxes: scales and aspect ratios of the default boxes (TF's SSD defaults).
         box_coder_weights: ``(wx, wy, ww, wh)`` of the box coder.
         iou_threshold: IoU at which an anchor becomes positive for a ground-truth box.
         loss_type: ``"hard_negative_mining"`` (softmax cross-entropy over the positives and the
@@ -132,12 +131,7 @@ class SSDLiteHead(nn.Module):
         num_classes: int,
         in_features: Sequence[str] = ("c4_expand", "final_conv"),
         extra_depths: Sequence[int] = (512, 256, 256, 128),
-        min_scale: float = 0.2,
-        max_scale: float = 0.95,
-        scales: Sequence[float] | None = None,
-        aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5, 3.0, 1.0 / 3.0),
-        interpolated_scale_aspect_ratio: float = 1.0,
-        reduce_boxes_in_lowest_layer: bool = True,
+        default_boxes: DefaultBoxes = DefaultBoxes(),
         box_coder_weights: Sequence[float] = BOX_CODER_WEIGHTS,
         iou_threshold: float = 0.5,
         loss_type: LossType = "hard_negative_mining",
@@ -192,17 +186,7 @@ class SSDLiteHead(nn.Module):
         self.extra = nn.ModuleList(extras)
         self._feature_shape = shapes
 
-        self.anchor_generator = DefaultBoxGenerator(
-            ssd_box_specs(
-                len(shapes),
-                min_scale=min_scale,
-                max_scale=max_scale,
-                scales=scales,
-                aspect_ratios=aspect_ratios,
-                interpolated_scale_aspect_ratio=interpolated_scale_aspect_ratio,
-                reduce_boxes_in_lowest_layer=reduce_boxes_in_lowest_layer,
-            )
-        )
+        self.anchor_generator = DefaultBoxGenerator(default_boxes.specs(len(shapes)))
         boxes_per_cell = self.anchor_generator.num_anchors_per_location()
         specs = list(shapes.values())
         self.cls_predictors = nn.ModuleList(
@@ -302,7 +286,8 @@ class SSDLiteHead(nn.Module):
     def match(
         self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-anchor training targets of a batch.
+        """Per-anchor training targets of a batch whose boxes are normalised xyxy (the anchors'
+        frame: see :func:`normalised_targets`).
 
         Returns:
             ``labels`` Int64Tensor[N, A] (0 = background), ``boxes`` Tensor[N, A, 4] (the matched
@@ -331,16 +316,22 @@ class SSDLiteHead(nn.Module):
         return torch.stack(labels), torch.stack(boxes), torch.stack(ignore)
 
     def loss(
-        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]
+        self,
+        outputs: Mapping[str, Tensor],
+        targets: Sequence[Mapping[str, Tensor]],
+        image_size: tuple[int, int],
     ) -> dict[str, Tensor]:
         """Classification and localisation losses, each normalised by the number of positives.
 
+        Targets are in the frame :meth:`postprocess` answers in: absolute pixels.
+
         Args:
             outputs: :meth:`forward`'s dict.
-            targets: one dict per image: ``boxes`` (FloatTensor[G, 4], normalised xyxy: x as a
-                fraction of the input width, y of its height), ``labels`` (Int64Tensor[G] in
-                ``1..num_classes-1``) and optionally ``crowd_boxes`` (FloatTensor[C, 4],
-                normalised xyxy). G may be 0: the image then contributes only negatives.
+            targets: one dict per image: ``boxes`` (FloatTensor[G, 4], absolute xyxy in the
+                network input), ``labels`` (Int64Tensor[G] in ``1..num_classes-1``) and
+                optionally ``crowd_boxes`` (FloatTensor[C, 4], absolute xyxy). G may be 0: the
+                image then contributes only negatives.
+            image_size: ``(height, width)`` of the network input the boxes are in.
 
         Returns:
             ``loss_cls`` (hard-negative-mined cross-entropy or focal loss) and ``loss_box``
@@ -350,7 +341,7 @@ class SSDLiteHead(nn.Module):
         cls_logits = outputs["cls_logits"].float()
         deltas = outputs["bbox_regression"].float()
         anchors = outputs["anchors"].float()
-        labels, gt_boxes, ignore = self.match(outputs, targets)
+        labels, gt_boxes, ignore = self.match(outputs, normalised_targets(targets, image_size))
         positive = labels > 0
         num_positive = positive.sum()
         normaliser = num_positive.clamp(min=1).to(cls_logits.dtype)
@@ -453,6 +444,22 @@ class SSDLiteHead(nn.Module):
             topk_candidates=self.topk_candidates,
             detections_per_image=self.detections_per_image,
         )
+
+
+def normalised_targets(
+    targets: Sequence[Mapping[str, Tensor]], image_size: tuple[int, int]
+) -> list[dict[str, Tensor]]:
+    """Targets with absolute xyxy boxes (and crowd regions) as fractions of ``(height, width)``:
+    the frame of the anchors (see :mod:`heads.anchors`)."""
+    height, width = (float(v) for v in image_size)
+    normalised = []
+    for target in targets:
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=target["boxes"].device)
+        item = {"boxes": target["boxes"] / scale, "labels": target["labels"]}
+        if "crowd_boxes" in target:
+            item["crowd_boxes"] = target["crowd_boxes"] / scale
+        normalised.append(item)
+    return normalised
 
 
 def _flatten_predictions(x: Tensor, values_per_box: int) -> Tensor:

@@ -9,6 +9,8 @@ API pass them to ``Trainer(callbacks=...)``.
 * :class:`KeepLogHistory`: a resumed run's ``metrics.csv`` starts with the earlier rows;
 * :class:`RemoveOrphanedTempFiles`: temporary files of killed checkpoint saves are deleted;
 * :class:`ValidateAtEnd`: the last step is always validated (so every run ends with a score);
+* :class:`TrainingCurves`: ``curves.png`` of the losses and validation scores, written when
+  ``fit`` ends;
 * :class:`FitSummary`: where the checkpoints, logs and best score are, printed when ``fit`` ends.
 """
 
@@ -28,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tasks.checkpoint_io import remove_orphans
 from tasks.data.sampling import derived_seed, global_seed
+from tasks.logs import CURVES_FILE, CSVAndTensorBoardLogger, plot_training_curves
 
 
 def long_run_callbacks() -> list[Callback]:
@@ -39,6 +42,7 @@ def long_run_callbacks() -> list[Callback]:
         KeepLogHistory(),
         RemoveOrphanedTempFiles(),
         ValidateAtEnd(),
+        TrainingCurves(),  # before FitSummary, which names the file
         FitSummary(),
     ]
 
@@ -295,6 +299,43 @@ class ValidateAtEnd(Callback):
             self._changed = False
 
 
+class TrainingCurves(Callback):
+    """When ``fit`` ends, plot the run's ``metrics.csv`` as ``curves.png`` beside it (rank zero).
+
+    Left: ``train/loss`` and ``val/loss`` against the optimiser step; right: the validation
+    scores (:func:`tasks.logs.plot_training_curves`). The CSV is read after the loggers are
+    flushed, so it holds the whole curve, a resumed run's earlier rows included
+    (:class:`KeepLogHistory`). Runs without a ``CSVLogger`` get no plot.
+
+    Args:
+        metrics: the validation scores to draw; None: the scores the run's ``ModelCheckpoint``
+            callbacks monitor (``val/AP``, ``val/mIoU`` in the configs), or every ``val/``
+            column but the losses when none monitors one.
+    """
+
+    def __init__(self, metrics: list[str] | None = None) -> None:
+        self.metrics = metrics
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, CSVLogger):
+                continue
+            logger.save()
+            source = Path(logger.log_dir) / "metrics.csv"
+            if not source.is_file():
+                continue
+            metrics = self.metrics
+            if metrics is None:
+                monitored = [c.monitor for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+                metrics = list(dict.fromkeys(monitored)) or None
+            try:
+                plot_training_curves(source, source.with_name(CURVES_FILE), metrics)
+            except (OSError, ValueError) as error:  # a plot is not worth failing a finished run for
+                rank_zero_warn(f"{source}: no {CURVES_FILE} written ({error})")
+
+
 class FitSummary(Callback):
     """When ``fit`` ends, print (rank zero) where the checkpoints and logs are and the best score."""
 
@@ -319,6 +360,11 @@ def fit_summary(trainer: Trainer) -> list[str]:
             log_dir = getattr(logger, "log_dir", None) or logger.save_dir
             name = " (metrics.csv)" if isinstance(logger, CSVLogger) else ""
             lines.append(f"logs: {log_dir}{name}")
+            if isinstance(logger, CSVAndTensorBoardLogger):
+                lines.append(f"tensorboard: tensorboard --logdir {logger.root_dir}")
+            curves = Path(str(log_dir)) / CURVES_FILE
+            if isinstance(logger, CSVLogger) and curves.is_file():
+                lines.append(f"curves: {curves}")
     else:
         lines.append("logs: none (no logger)")
     monitored = [callback for callback in checkpoints if callback.monitor]

@@ -15,10 +15,14 @@ import io
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
+
+from tasks.buildable import check_class_paths
+from tasks.checkpoint_conversion import convert_checkpoint, is_legacy
+from tasks.training import TASK_CLASS_KEY
 
 Task = TypeVar("Task", bound=LightningModule)
 
@@ -31,9 +35,6 @@ PROJECT_CLASSES: frozenset[str] = frozenset(
         "tasks.data.voc.VOCSegmentationDataModule",
     }
 )
-# Packages a class path nested in saved hyper-parameters (e.g. a network given to a task as
-# ``{class_path: ..., init_args: ...}``) may come from: LightningCLI would import and build it.
-PROJECT_PACKAGES: tuple[str, ...] = ("tasks", "heads", "backbones")
 # How LightningCLI rebuilds a module from saved hyper-parameters (Lightning checks it too).
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -82,6 +83,18 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def check_before_loading(source: str | Path | IO[bytes]) -> None:
+    """Refuse an unsafe checkpoint (see :func:`_check_checkpoint`) before Lightning reads its
+    hyper-parameters and lets jsonargparse import the classes they name."""
+    if isinstance(source, (str, Path)):
+        _check_checkpoint(source, load_weights_only(source))
+        return
+    position = source.tell()
+    raw = source.read()
+    source.seek(position)
+    _check_checkpoint("checkpoint", load_weights_only("checkpoint", raw=raw))
+
+
 def _check_checkpoint(path: str | Path, checkpoint: Any) -> None:
     """Refuse a non-Lightning file and any class path or instantiator we would not import."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -98,25 +111,7 @@ def _check_checkpoint(path: str | Path, checkpoint: Any) -> None:
         instantiator = saved.get("_instantiator")
         if instantiator is not None and instantiator != _INSTANTIATOR:
             raise ValueError(f"{path}: refused: {key} names the instantiator {instantiator!r}; only {_INSTANTIATOR} is allowed")
-        for nested in _nested_class_paths(saved):
-            if not isinstance(nested, str) or nested.split(".")[0] not in PROJECT_PACKAGES:
-                raise ValueError(
-                    f"{path}: refused: {key} names the class {nested!r}; nested classes must come from "
-                    f"this project's packages ({', '.join(PROJECT_PACKAGES)})"
-                )
-
-
-def _nested_class_paths(value: Any) -> Iterable[Any]:
-    """Every ``class_path`` value inside saved hyper-parameters (LightningCLI's nested objects)."""
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if key == "class_path":
-                yield item
-            else:
-                yield from _nested_class_paths(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _nested_class_paths(item)
+        check_class_paths(saved, f"{path}: {key}")
 
 
 def check_class_path(path: str | Path, class_path: Any, *, also: Iterable[str] = ()) -> str:
@@ -175,7 +170,16 @@ def load_task(path: str | Path, expected: type[Task] | tuple[type[LightningModul
     raw = path.read_bytes()  # checked and built from the same bytes, whatever happens to the file
     checkpoint = load_weights_only(path, raw=raw)
     _check_checkpoint(path, checkpoint)
-    cls = recorded_class(path, checkpoint.get("hyper_parameters", {}))
+    if is_legacy(checkpoint.get("hyper_parameters", {})):
+        checkpoint = convert_checkpoint(checkpoint)
+        _check_checkpoint(path, checkpoint)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        raw = buffer.getvalue()
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    if not hyper_parameters.get("_class_path"):  # a task built in Python: no LightningCLI record
+        hyper_parameters = {"_class_path": checkpoint.get(TASK_CLASS_KEY)}
+    cls = recorded_class(path, hyper_parameters)
     if not issubclass(cls, expected):
         names = " or ".join(c.__name__ for c in (expected if isinstance(expected, tuple) else (expected,)))
         raise ValueError(f"{path}: checkpoint of a {cls.__name__}, but this needs a {names} checkpoint")
@@ -195,13 +199,20 @@ def read_hyper_parameters(path: str | Path) -> tuple[dict, dict[str, torch.Size]
 
 
 def check_task(path: str | Path, class_path: str) -> None:
-    """Refuse a checkpoint that is unsafe, or whose task class is not (a subclass of) the
+    """Refuse a checkpoint that is unsafe, of the old layout (see
+    :mod:`tasks.checkpoint_conversion`), or whose task class is not (a subclass of) the
     configured ``class_path``.
 
     Raises:
         ValueError: naming the file, e.g. a segmentation checkpoint for a detection config.
     """
     hyper_parameters, _ = read_hyper_parameters(path)
+    if is_legacy(hyper_parameters):
+        raise ValueError(
+            f"{path}: written before tasks took their network as model.init_args.network (its model "
+            f"options are flat); convert it with `python tools/convert_checkpoint.py {path} NEW.ckpt` "
+            "and pass NEW.ckpt (tools/test.py, predict.py and export.py convert it themselves)"
+        )
     configured = recorded_class(path, {"_class_path": class_path}, also=(class_path,))
     _refuse_other_task(path, hyper_parameters, configured)
 
@@ -233,17 +244,34 @@ def check_compatible(path: str | Path, model: LightningModule) -> None:
     expected = {key: value.shape for key, value in model.state_dict().items()}
     if not shapes or shapes == expected:
         return
-    own = dict(getattr(model, "hparams", {}))
+    own = flat_options(dict(getattr(model, "hparams", {})))
+    saved = flat_options(hyper_parameters)
     differing = [
-        f"model.{key}: checkpoint {hyper_parameters[key]!r}, config {own[key]!r}"
+        f"model.{key}: checkpoint {saved[key]!r}, config {own[key]!r}"
         for key in sorted(own)
-        if not key.startswith("_") and key in hyper_parameters and hyper_parameters[key] != own[key]
+        if not key.startswith("_") and key in saved and saved[key] != own[key]
     ]
     detail = "; ".join(differing) if differing else "the architecture differs"
     raise ValueError(
         f"{path}: parameter shapes differ from the configured model ({detail}); "
         "set these model options to the checkpoint's values"
     )
+
+
+def flat_options(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested ``{class_path, init_args}`` configs as the command line spells them:
+    ``{"network.width_mult": 0.35, "network": "tasks.networks.SSDLiteMobileNetV2", ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "class_path" in value:
+            flat[name] = value["class_path"]
+            flat.update(flat_options(value.get("init_args") or {}, f"{name}."))
+        elif isinstance(value, Mapping):
+            flat.update(flat_options(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def find_last_checkpoint(folders: list[Path]) -> Path | None:
@@ -255,3 +283,16 @@ def find_last_checkpoint(folders: list[Path]) -> Path | None:
             candidates += folder.glob("*/checkpoints/last*.ckpt")
     candidates = [path for path in candidates if path.is_file()]
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def convert_checkpoint_file(path: str | Path, out: str | Path) -> bool:
+    """Write ``path`` in today's layout to ``out`` (atomically); whether anything changed."""
+    from tasks.checkpoint_io import atomic_save
+
+    checkpoint = load_weights_only(path)
+    _check_checkpoint(path, checkpoint)
+    changed = is_legacy(checkpoint.get("hyper_parameters", {}))
+    converted = convert_checkpoint(checkpoint)
+    _check_checkpoint(path, converted)
+    atomic_save(converted, out)
+    return changed

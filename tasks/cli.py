@@ -66,6 +66,10 @@ class CLI(LightningCLI):
         else:
             read_hyper_parameters(ckpt_path)  # weights_only and allow-list checks alone
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        link_image_size(config)
+
     def _resolve_last(self, config: Any) -> None:
         """The newest ``last*.ckpt`` of earlier runs; logging goes on in that run's ``version_N``
         folder (so ModelCheckpoint also restores its best score, and ``metrics.csv`` continues)."""
@@ -118,6 +122,22 @@ class CLI(LightningCLI):
         self._check_checkpoint()
 
 
+def link_image_size(config: Any) -> None:
+    """The network's ``image_size`` is the data's unless the data names its own: one place to
+    set the input side (``--model.network.image_size 300`` resizes the data too)."""
+    network = _init_args(_init_args(config.get("model")).get("network") if _init_args(config.get("model")) else None)
+    data = _init_args(config.get("data"))
+    if not network or not data or "image_size" not in data or "image_size" not in network:
+        return
+    if data.get("image_size") is None:
+        data["image_size"] = network.get("image_size")
+
+
+def _init_args(section: Any) -> Any:
+    """``section.init_args`` of a ``{class_path, init_args}`` config (a jsonargparse Namespace), or None."""
+    return section.get("init_args") if hasattr(section, "get") else None
+
+
 def is_checkpoint_file(ckpt_path: Any) -> bool:
     """Whether ``--ckpt_path`` names a local file (not Lightning's "last", "best"... or a URL)."""
     return ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path)
@@ -140,16 +160,55 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
     return folders
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it; errors propagate."""
+# The start of `tools/train.py --help`: what this CLI adds to plain LightningCLI.
+DESCRIPTION = (
+    "Train, validate, test or predict a task from one YAML config (LightningCLI). Added to plain "
+    "LightningCLI: checkpoints written atomically and read safely (weights_only, this project's "
+    "classes only); exact resume, also mid-epoch, with metrics.csv kept; '--ckpt_path last' resumes "
+    "the newest run of the config; every fit ends validated, with a summary and curves.png; data "
+    "and checkpoint errors in one line (MOBILEDENSE_VERBOSE=1 for the traceback)."
+)
+
+
+def main(args: list[str] | None = None, *, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it; errors propagate.
+
+    ``run=False`` only builds the task, DataModule and Trainer (``args`` then has no subcommand);
+    ``exit_on_error=False`` raises a parse error instead of printing the usage and exiting.
+    """
     return CLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": exit_on_error},
         args=args,
+        run=run,
     )
+
+
+def fit_briefly(config: str | Path, data_root: Path, out: Path, steps: int, val_every: int) -> Path:
+    """``tools/train.py fit`` of ``config`` for ``steps`` optimiser steps into ``out`` (what the
+    demo runs); the last checkpoint."""
+    main(
+        [
+            "fit",
+            "--config", str(config),
+            "--data.root", str(data_root),
+            "--trainer.max_steps", str(steps),
+            "--trainer.max_epochs", "-1",
+            "--trainer.val_check_interval", str(val_every),
+            "--trainer.check_val_every_n_epoch", "null",
+            "--trainer.default_root_dir", str(out),
+            "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.logger.init_args.name", "logs",
+        ]
+    )  # fmt: skip
+    checkpoints = sorted(out.glob("logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not checkpoints:
+        raise RuntimeError(f"{out}: training wrote no last.ckpt")
+    return checkpoints[-1]
 
 
 def error_for_people(error: BaseException) -> str | None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.data.synthetic import VOC_PALETTE
+from tasks.data.constants import VOC_PALETTE
 
 # A qualitative palette (Tableau 10 then a few more): distinct, readable on photos.
 BOX_COLOURS: tuple[tuple[int, int, int], ...] = (

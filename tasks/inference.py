@@ -6,9 +6,9 @@ same checkpoint gives the same detections and masks through each of them:
 1. read the file as RGB ``uint8[H, W, 3]`` (:func:`tasks.data.files.read_rgb`: grey, CMYK, RGBA
    converted as the DataModules do);
 2. the DataModule's evaluation transform (detection: ``detection_eval_transform``, the fixed
-   SSD resize; segmentation: ``eval_transforms``, full resolution) and its normalisation;
-3. the task's own ``predict_step``: network, then the head's post-processing back to the
-   original image's pixels.
+   SSD resize to the network's ``image_size``; segmentation: none, full resolution);
+3. the task's own ``predict_step``: the network (which normalises the pixels itself), then the
+   post-processing back to the original image's pixels.
 
 The tasks implement steps 2-3 in ``predict_images`` (each next to its ``predict_step``); this
 module opens checkpoints and files and draws pictures around them.

@@ -5,7 +5,9 @@ Each pytest-xdist worker runs its own session and so writes its own copy (well u
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -59,23 +61,29 @@ TINY = [
     "--trainer.check_val_every_n_epoch", "null",
     "--trainer.limit_val_batches", "2",
     "--trainer.enable_progress_bar", "false",
-    "--model.width_mult", "0.35",
+    "--model.network.width_mult", "0.35",
     "--data.num_workers", "0",
 ]  # fmt: skip
 
 
 def tiny_checkpoint(config: str, data_root: Path, out: Path, extra: list[str]) -> Path:
-    train.main(
-        ["fit", "--config", str(ROOT / "configs" / config), "--data.root", str(data_root),
-         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *TINY, *extra]
-    )  # fmt: skip
+    # LightningCLI compares its args with sys.argv (pytest's here): run as `python tools/train.py ...`.
+    with mock.patch.object(sys, "argv", ["tools/train.py"]):
+        _fit(config, data_root, out, extra)
     (checkpoint,) = out.glob("*/version_*/checkpoints/last.ckpt")
     return checkpoint
 
 
+def _fit(config: str, data_root: Path, out: Path, extra: list[str]) -> None:
+    train.main(
+        ["fit", "--config", str(ROOT / "configs" / config), "--data.root", str(data_root),
+         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *TINY, *extra]
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def detection_checkpoint(synthetic_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    extra = ["--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
+    extra = ["--model.network.image_size", "128", "--data.batch_size", "4",
              "--data.persistent_workers", "false"]  # fmt: skip
     return tiny_checkpoint("ssdlite_mobilenetv2_synthetic.yaml", synthetic_coco, tmp_path_factory.mktemp("det"), extra)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from heads.anchors import (
     BACKGROUND,
     IGNORE,
+    DefaultBoxes,
     DefaultBoxGenerator,
     decode_boxes,
     encode_boxes,
@@ -17,6 +20,7 @@ from heads.anchors import (
     match_anchors,
     ssd_box_specs,
 )
+from heads.ssdlite import SSDLiteHead
 
 SIZES_300 = [(19, 19), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
 SIZES_320 = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
@@ -47,6 +51,22 @@ def test_box_specs_options() -> None:
     assert specs == [[(0.1, 1.0), (0.1, 2.0)], [(0.4, 1.0), (0.4, 2.0)], [(0.7, 1.0), (0.7, 2.0)]]
     with pytest.raises(ValueError, match="3 scales for 2 layers"):
         ssd_box_specs(2, scales=[0.1, 0.2, 0.3])
+
+
+def test_default_boxes_are_one_value_written_once() -> None:
+    boxes = DefaultBoxes()
+    assert boxes.specs() == ssd_box_specs() == ssd_box_specs(6)
+    assert DefaultBoxes(min_scale=0.1, max_scale=0.5).specs(3) == ssd_box_specs(3, min_scale=0.1, max_scale=0.5)
+    assert DefaultBoxes(min_scale=0.1, max_scale=0.5).specs(3)[1][0] == pytest.approx((0.3, 1.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        boxes.min_scale = 0.3  # type: ignore[misc]  # a default argument must not be changed in place
+    # The head's default is this value, not a copy of its numbers.
+    assert inspect.signature(SSDLiteHead.__init__).parameters["default_boxes"].default == DefaultBoxes()
+    assert DefaultBoxGenerator.ssd().box_specs == DefaultBoxGenerator(boxes.specs()).box_specs
+    with pytest.raises(ValueError, match="num_layers must be at least 1"):
+        boxes.specs(0)
+    with pytest.raises(ValueError, match="aspect_ratios must be positive"):
+        DefaultBoxes(aspect_ratios=(1.0, -2.0)).specs()
 
 
 def test_anchor_counts_at_300_and_320() -> None:

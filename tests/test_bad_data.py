@@ -19,6 +19,7 @@ from PIL import Image
 from tasks.data.coco import COCODetectionDataModule
 from tasks.data.files import MissingFileError, UnreadableSampleError, read_rgb
 from tasks.data.voc import VOCSegmentation
+from tasks.networks import DeepLabV3MobileNetV2
 from tasks.segmentation import DeepLabV3Segmentation
 from tasks.checkpoints import check_compatible
 from tools.train import main
@@ -281,7 +282,7 @@ def voc_paths(root: Path, split: str = "train") -> tuple[Path, Path, str]:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda mask: Image.fromarray(mask).convert("RGB"), "mask is mode RGB, expected P"),
+        (lambda mask: Image.fromarray(mask).convert("RGB"), r"mode RGB, expected a label map of class indices \(P"),
         (lambda mask: Image.fromarray(mask[:-3], mode="L"), r"mask is \d+x\d+, its image \d+x\d+"),
         (lambda mask: Image.fromarray(np.full_like(mask, 40), mode="L"), r"labels \[40\] outside 0..20"),
         (lambda mask: b"not a png", "not a readable PNG"),
@@ -314,7 +315,7 @@ def test_grey_voc_image_and_missing_files(voc: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- configs
-SEG_SMALL = ["--data.crop_size", "33", "--data.batch_size", "4", "--data.num_workers", "0", "--model.width_mult", "0.35"]
+SEG_SMALL = ["--data.crop_size", "33", "--data.batch_size", "4", "--data.num_workers", "0", "--model.network.width_mult", "0.35"]
 
 
 def test_skipped_samples_are_reported_at_the_end_of_each_epoch(voc: Path, tmp_path: Path) -> None:
@@ -337,19 +338,19 @@ def run_cli_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 def test_unknown_keys_and_wrong_types_are_named(voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = ["fit", "--config", SEG_CONFIG, "--data.root", str(voc), "--trainer.fast_dev_run", "1"]
-    error = run_cli_error([*base, "--model.init_args.num_clases", "6"], capsys)
-    assert "num_clases" in error
+    error = run_cli_error([*base, "--model.network.num_clases", "6"], capsys)
+    assert "Option 'num_clases' is not accepted" in error  # a network option (it takes head options too)
     error = run_cli_error([*base, "--data.batch_size", "many"], capsys)
     assert "batch_size" in error and "many" in error
-    config = Path(SEG_CONFIG).read_text().replace("    hflip: true\n", "    hflip: true\n    crop_sise: 65\n")
+    config = Path(SEG_CONFIG).read_text().replace("    crop_size: 129\n", "    crop_size: 129\n    crop_sise: 65\n")
     (tmp_path / "typo.yaml").write_text(config)
     error = run_cli_error(["fit", "--config", str(tmp_path / "typo.yaml"), "--data.root", str(voc)], capsys)
     assert "crop_sise" in error
 
 
 def test_class_count_must_cover_the_data(voc: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"labels up to 20 but the model has num_classes=6 .*num_classes: 21"):
-        main(["fit", "--config", SEG_CONFIG, "--data.root", str(voc), *SEG_SMALL, "--model.num_classes", "6",
+    with pytest.raises(ValueError, match=r"labels up to 20 but the network has num_classes=6 .*--model.network.num_classes 21"):
+        main(["fit", "--config", SEG_CONFIG, "--data.root", str(voc), *SEG_SMALL, "--model.network.num_classes", "6",
               "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
 
 
@@ -359,13 +360,13 @@ def test_checkpoints_of_the_other_task_or_shape_are_refused(
     base = ["fit", "--config", SEG_CONFIG, "--data.root", str(voc), "--data.num_workers", "0",
             "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     with pytest.raises(ValueError, match="checkpoint of a SSDLiteDetection, but the config trains a DeepLabV3Segmentation"):
-        main([*base, "--model.width_mult", "0.35", "--ckpt_path", str(detection_checkpoint)])
+        main([*base, "--model.network.width_mult", "0.35", "--ckpt_path", str(detection_checkpoint)])
     # Through the CLI the checkpoint's hyper-parameters win (LightningCLI); a model built
     # otherwise is checked shape by shape, naming the options that differ.
     cli = main([*base, "--ckpt_path", str(segmentation_checkpoint)])
-    assert cli.model.hparams.width_mult == 0.35
-    with pytest.raises(ValueError, match=r"parameter shapes differ .*model.width_mult: checkpoint 0.35, config 1.0"):
-        check_compatible(segmentation_checkpoint, DeepLabV3Segmentation(width_mult=1.0))
+    assert cli.model.hparams.network["init_args"]["width_mult"] == 0.35
+    with pytest.raises(ValueError, match=r"parameter shapes differ .*model.network.width_mult: checkpoint 0.35, config 1.0"):
+        check_compatible(segmentation_checkpoint, DeepLabV3Segmentation(DeepLabV3MobileNetV2(width_mult=1.0)))
     with pytest.raises(ValueError, match="checkpoint of a DeepLabV3Segmentation, but the config trains a SSDLiteDetection"):
         main(["validate", "--config", DET_CONFIG, "--data.root", str(tmp_path / "unused"), "--data.synthetic", "false",
               "--ckpt_path", str(segmentation_checkpoint)])  # fmt: skip

@@ -1,69 +1,140 @@
-"""tools/benchmark.py: what it measures and how it reports (no timings are asserted)."""
+"""tools/benchmark.py and tasks/benchmarking/: what it measures and how it reports (no timings are asserted)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
+from tasks.benchmarking import speed
+from tasks.benchmarking.convergence import bench_convergence
+from tasks.benchmarking.report import format_report
+from tasks.benchmarking.speed import AS_SHIPPED, FOLDED
+from tasks.benchmarking.training_speed import SYNTHETIC_CONFIGS, task_and_data
 from tools import benchmark
 
+STATS = {"median_ms": 10.0, "q25_ms": 9.0, "q75_ms": 12.0, "images_per_s": 100.0}
 
-def test_detection_model_row_counts_the_trained_model_and_times_network_and_postprocessing() -> None:
-    row = benchmark.bench_model("ours_ssdlite_mobilenetv2", runs=2, warmup=1, threads=1, use_compile=False, use_onnx=False)
-    assert row["params"] == 4_500_543  # the unfused paper model (91 classes), as tools/summary.py counts it
-    assert row["input"] == 320
+
+def test_detection_model_row_counts_the_paper_model_and_times_network_and_postprocessing() -> None:
+    row = speed.bench_model("ours_ssdlite_mobilenetv2", FOLDED, runs=2, warmup=1, threads=1, use_compile=False, use_onnx=False)
+    assert row["params"] == 4_500_543  # the unfolded paper model (91 classes), as tools/summary.py counts it
+    assert (row["model"], row["treatment"], row["input"]) == ("ours_ssdlite_mobilenetv2", FOLDED, 320)
     for key in ("network_b1", "eager_b1", "eager_b8"):
         assert row[key]["median_ms"] > 0 and row[key]["q25_ms"] <= row[key]["median_ms"] <= row[key]["q75_ms"]
     assert row["eager_b8"]["images_per_s"] == pytest.approx(8000 / row["eager_b8"]["median_ms"])
 
 
+@pytest.mark.parametrize("name", ["tv_ssdlite320_mobilenet_v3_large", "tv_lraspp_mobilenet_v3_large"])
+def test_torchvision_models_get_the_treatment_ours_get(name: str) -> None:
+    contender = speed.build(name)
+    shipped = speed.apply_treatment(contender.model, AS_SHIPPED)
+    folded = speed.apply_treatment(contender.model, FOLDED)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in shipped.modules())  # the original is left as it was
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs if m.kernel_size != (1, 1))
+    images = contender.images(1, 160 if name.startswith("tv_lraspp") else contender.size)
+    with torch.no_grad():  # the same function: network outputs equal up to float rounding
+        for a, b in zip(speed.RawOutputs(shipped)(images), speed.RawOutputs(folded)(images)):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def test_report_leads_with_fair_ratios_computed_from_the_rows() -> None:
+    rows = [("ours_deeplabv3_mobilenetv2", FOLDED), ("tv_lraspp_mobilenet_v3_large", FOLDED), ("tv_lraspp_mobilenet_v3_large", AS_SHIPPED)]
+    options = {"runs": 1, "warmup": 0, "threads": 1, "use_compile": False, "use_onnx": False, "size": 128}
+    models = [speed.bench_model(name, treatment, **options) for name, treatment in rows[:2]]
+    models += speed.run_models(rows[2:], **options, log=lambda _: None)  # as tools/benchmark.py runs it: a fresh process
+    assert [(r["model"], r["treatment"]) for r in models] == rows
+    ours, fair, shipped = (r["eager_b1"]["median_ms"] for r in models)
+    ours8, fair8, shipped8 = (r["eager_b8"]["median_ms"] for r in models)
+    lines = format_report({"machine": "m", "threads": 1, "models": models}).splitlines()
+    pair = "| ours_deeplabv3_mobilenetv2 / tv_lraspp_mobilenet_v3_large |"
+    fair_line = f"{pair} folded, channels-last (fair) | {ours / fair:.2f} | {ours8 / fair8:.2f} |"
+    shipped_line = f"{pair} as shipped | {ours / shipped:.2f} | {ours8 / shipped8:.2f} |"
+    assert "| ours / torchvision, median latency | torchvision's treatment | eager_b1 | eager_b8 |" in lines
+    table = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert lines.index(fair_line) < lines.index(shipped_line) < table  # the fair ratio first, before the table
+    for treatment in (FOLDED, AS_SHIPPED):
+        assert sum(line.startswith(f"| tv_lraspp_mobilenet_v3_large | {treatment} | 128 |") for line in lines) == 1
+
+
+def test_compiled_path_compiles_the_call_that_is_timed() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.conv(images).relu()
+
+        def detect(self, images: torch.Tensor) -> torch.Tensor:
+            return self(images).amax(dim=(2, 3))
+
+    torch._dynamo.reset()
+    model, images = Tiny().eval(), torch.rand(1, 3, 16, 16)
+    before = speed.compiled_graphs()
+    torch.compile(model, backend="eager").detect(images)  # the old way: .detect of what compile returned
+    assert speed.compiled_graphs() == before  # ... ran the original module, compiling nothing
+    row = speed.bench_compiled(lambda m, x: m.detect(x), model, images, runs=1, warmup=0, backend="eager")
+    assert row["compile_graphs"] >= 1 and row["compile_b1"]["median_ms"] > 0
+
+
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_train_and_data_sections_use_the_synthetic_configs(task: str, tmp_path: Path) -> None:
-    config = yaml.safe_load(benchmark.SYNTHETIC_CONFIGS[task].read_text())
-    model, data = benchmark.task_and_data(task, tmp_path, None, None)
+    config = yaml.safe_load(SYNTHETIC_CONFIGS[task].read_text())
+    model, data = task_and_data(task, tmp_path, None, None)
     assert type(model).__name__ == config["model"]["class_path"].rsplit(".", 1)[1]
     assert data.hparams.batch_size == config["data"]["init_args"]["batch_size"]
     assert data.hparams.num_workers == config["data"]["init_args"]["num_workers"]
     assert Path(data.hparams.root).parent == tmp_path
-    _, overridden = benchmark.task_and_data(task, tmp_path, 3, 0)
+    _, overridden = task_and_data(task, tmp_path, 3, 0)
     assert (overridden.hparams.batch_size, overridden.hparams.num_workers) == (3, 0)
 
 
 def test_report_is_a_markdown_table_per_section() -> None:
-    stats = {"median_ms": 10.0, "q25_ms": 9.0, "q75_ms": 12.0, "images_per_s": 100.0}
     report = {
         "machine": "test cpu", "threads": 2,
         "models": [
-            {"model": "ours", "input": 320, "params": 4.5e6, "madds": 8.0e8, "network_b1": stats, "eager_b1": stats,
-             "eager_b8": stats, "onnx_b1": stats, "onnx_b8": stats, "peak_rss_mb": 300},
-            {"model": "theirs", "input": 512, "params": 3.2e6, "madds": 2.0e9, "eager_b1": stats, "eager_b8": stats,
-             "peak_rss_mb": 200},
+            {"model": "ours", "treatment": FOLDED, "input": 320, "params": 4.5e6, "madds": 8.0e8, "network_b1": STATS,
+             "eager_b1": STATS, "eager_b8": STATS, "onnx_b1": STATS, "onnx_b8": STATS, "peak_rss_mb": 300},
+            {"model": "theirs", "treatment": AS_SHIPPED, "input": 512, "params": 3.2e6, "madds": 2.0e9, "eager_b1": STATS,
+             "eager_b8": STATS, "onnx_b1": {"error": "RuntimeError: no"}, "peak_rss_mb": 200},
         ],
         "train": [{"task": "detection", "batch": 16, "workers": 1, "images_per_s": 12.5}],
         "data": [{"task": "detection", "batch": 16, "workers": 1, "images_per_s": 80.0}],
         "eval": [{"what": "COCO eval", "seconds": 6.5}],
     }  # fmt: skip
-    lines = benchmark.format_report(report).splitlines()
+    lines = format_report(report).splitlines()
     assert lines[0] == "Machine: test cpu; 2 threads."
-    assert "| ours | 320 | 4.50M | 0.80B | 10.0 | 10.0 (9.0-12.0) | 100.0 | 10.0 (9.0-12.0) | 100.0 | 300 |" in lines
-    assert "| theirs | 512 | 3.20M | 2.00B | - | 10.0 (9.0-12.0) | 100.0 | - | - | 200 |" in lines
+    assert "| ours | folded | 320 | 4.50M | 0.80B | 10.0 | 10.0 (9.0-12.0) | 100.0 | 10.0 (9.0-12.0) | 100.0 | 300 |" in lines
+    assert "| theirs | as shipped | 512 | 3.20M | 2.00B | - | 10.0 (9.0-12.0) | 100.0 | - | - | 200 |" in lines
+    assert "- theirs (as shipped) onnx_b1: RuntimeError: no" in lines
     assert "| detection | training step (data included) | 16 | 1 | 12.5 |" in lines
     assert "| detection | data pipeline alone | 16 | 1 | 80.0 |" in lines
     assert "| COCO eval | 6.50 |" in lines
 
 
+def test_command_line_refuses_unknown_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--only", "models,speed"])
+    assert "--only: unknown sections ['speed']" in capsys.readouterr().err
+    sections, options, _ = benchmark.parse_args(["--only", "eval", "--runs", "3", "--compile"])
+    assert sections == ["eval"] and (options.runs, options.compile, options.onnx) == (3, True, False)
+
+
 def test_convergence_section_trains_through_the_cli_and_reports_the_curve(synthetic_coco: Path, tmp_path: Path) -> None:
     from tests.conftest import TINY
 
-    tiny = [*TINY, "--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
+    tiny = [*TINY, "--model.network.image_size", "128", "--data.batch_size", "4",
             "--data.persistent_workers", "false", "--trainer.max_steps", "4"]  # fmt: skip
-    config = benchmark.SYNTHETIC_CONFIGS["detection"]
-    run = benchmark.bench_convergence(config, synthetic_coco, tmp_path, tiny)
+    run = bench_convergence(SYNTHETIC_CONFIGS["detection"], synthetic_coco, tmp_path, tiny)
     assert [point["step"] for point in run["curve"]] == [2, 4]  # validation every 2 steps (TINY)
     assert all(0.0 <= point["AP"] <= 1.0 and 0.0 <= point["AP50"] <= 1.0 for point in run["curve"])
     assert run["config"] == "configs/ssdlite_mobilenetv2_synthetic.yaml" and run["seconds"] > 0
-    lines = benchmark.format_report({"machine": "m", "threads": 1, "convergence": run}).splitlines()
+    lines = format_report({"machine": "m", "threads": 1, "convergence": run}).splitlines()
     assert "| step | AP | AP50 | AP75 |" in lines
     assert lines[-1].startswith("| 4 | ")

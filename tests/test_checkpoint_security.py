@@ -36,12 +36,15 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
+NETWORK = {"class_path": "tasks.networks.SSDLiteMobileNetV2", "init_args": {"num_classes": 6}}
+
+
 def lightning_shaped(**extra: object) -> dict:
     return {
         "epoch": 0,
         "global_step": 1,
-        "state_dict": {"model.weight": torch.zeros(2)},
-        "hyper_parameters": {"_class_path": "tasks.detection.SSDLiteDetection", "num_classes": 6},
+        "state_dict": {"network.weight": torch.zeros(2)},
+        "hyper_parameters": {"_class_path": "tasks.detection.SSDLiteDetection", "network": NETWORK},
         **extra,
     }
 
@@ -120,14 +123,21 @@ def test_checkpoint_io_loads_weights_only_whatever_is_asked(
         ({"_class_path": "os.system"}, "'os.system'"),
         ({"_class_path": "lightning.pytorch.demos.boring_classes.BoringModel"}, "BoringModel"),
         ({"_class_path": "tasks.detection.SSDLiteDetection", "network": {"class_path": "os.system"}}, "'os.system'"),
+        ({"_class_path": "tasks.detection.SSDLiteDetection", "network": NETWORK,
+          "optimizer": {"class_path": "builtins.eval", "init_args": {}}}, "'builtins.eval'"),
+        # Deep inside the network's arguments, and a module that prints when imported: not imported.
+        ({"_class_path": "tasks.detection.SSDLiteDetection",
+          "network": {"class_path": NETWORK["class_path"], "init_args": {"default_boxes": {"class_path": "this.Zen"}}}},
+         "'this.Zen'"),
         ({"_class_path": "tasks.detection.SSDLiteDetection", "_instantiator": "os.system"}, "instantiator 'os.system'"),
         ({"_class_path": ["tasks.detection.SSDLiteDetection"]}, "not one of"),
     ],
-    ids=["os.system", "foreign-module", "nested", "instantiator", "not-a-string"],
+    ids=["os.system", "foreign-module", "nested", "nested-optimizer", "nested-deep", "instantiator", "not-a-string"],
 )
 def test_class_paths_outside_the_project_are_refused(
     hyper_parameters: dict, named: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    already_imported = "this" in sys.modules
     path = tmp_path / "foreign.ckpt"
     torch.save(lightning_shaped(hyper_parameters=hyper_parameters), path)  # plain data: loads weights_only
     for reader in (read_checkpoint, read_hyper_parameters, load_task):
@@ -139,6 +149,30 @@ def test_class_paths_outside_the_project_are_refused(
     assert named in one_error_line(capsys, path)
     assert run(["validate", "--config", DET_CONFIG, "--data.root", str(tmp_path), "--ckpt_path", str(path)]) == 1
     assert named in one_error_line(capsys, path)
+    assert already_imported or "this" not in sys.modules
+
+
+@pytest.mark.parametrize("part", ["network", "optimizer", "lr_schedule"])
+def test_a_task_checkpoint_naming_a_foreign_callable_is_refused_by_load_from_checkpoint(
+    part: str, detection_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A checkpoint of a task built in Python (no LightningCLI instantiator): the task rebuilds its
+    saved configs itself, through tasks.buildable's allow-list, before anything is called."""
+    from tasks.detection import SSDLiteDetection
+
+    marker = tmp_path / "opened"
+    checkpoint = torch.load(detection_checkpoint, weights_only=True)
+    for key in ("_class_path", "_instantiator"):
+        checkpoint["hyper_parameters"].pop(key)
+    opener = {"class_path": "builtins.open", "init_args": {"file": str(marker), "mode": "w"}}
+    checkpoint["hyper_parameters"][part] = opener
+    path = tmp_path / "python.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=rf"^{path}: hyper_parameters: refused: it names the class 'builtins.open'"):
+        SSDLiteDetection.load_from_checkpoint(path, weights_only=True)
+    with pytest.raises(ValueError, match=rf"^saved {part}: refused: it names the class 'builtins.open'"):
+        SSDLiteDetection(**checkpoint["hyper_parameters"])  # the task's own check, behind the file's
+    assert not marker.exists()
 
 
 def test_a_foreign_datamodule_is_refused(detection_checkpoint: Path, tmp_path: Path) -> None:
@@ -173,3 +207,29 @@ def test_train_resumes_our_own_checkpoint_through_the_checks(
                 "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(segmentation_checkpoint)])  # fmt: skip
     assert code == 0
+
+
+def test_load_from_checkpoint_checks_the_file_before_anything_is_imported(tmp_path: Path) -> None:
+    """Lightning hands saved class paths to jsonargparse, which imports them: the task's
+    load_from_checkpoint refuses the file first (``this`` prints the Zen of Python on import)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "zen.ckpt"
+    torch.save(
+        {"state_dict": {}, "pytorch-lightning_version": "2.6.6", "hyper_parameters": {
+            "_class_path": "tasks.detection.SSDLiteDetection",
+            "_instantiator": "lightning.pytorch.cli.instantiate_module",
+            "network": {"class_path": "this.Zen"}}},
+        path,
+    )  # fmt: skip
+    code = (
+        "import sys\nfrom tasks.detection import SSDLiteDetection\n"
+        f"try:\n    SSDLiteDetection.load_from_checkpoint({str(path)!r})\n"
+        "except ValueError as error:\n    print('REFUSED', error)\n"
+        "print('IMPORTED' if 'this' in sys.modules else 'NOT IMPORTED')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in result.stdout and "'this.Zen'" in result.stdout, result.stderr[-2000:]
+    assert "NOT IMPORTED" in result.stdout and "Beautiful is better" not in result.stdout

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import tasks.data.synthetic
+from backbones import IMAGENET_MEAN
 from tasks.data.coco import COCODetection, COCODetectionDataModule, collate_detection, load_coco_annotations
+from tasks.data.contract import DatasetInfo
 from tasks.data.synthetic import COCO_2017_CATEGORIES, REALISTIC_COCO_CATEGORY_IDS
 from tasks.data.detection_transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    MEAN_PIXEL,
     MinIoURandomCrop,
     ZoomOut,
     detection_eval_transform,
@@ -49,6 +51,21 @@ def test_label_maps_both_ways(synthetic_coco: Path) -> None:
     assert ids.num_classes == 45
 
 
+def test_dataset_info_describes_labels_size_and_the_ground_truth_set_up(synthetic_coco: Path) -> None:
+    dm = datamodule(synthetic_coco, contiguous_labels=False)
+    dm.setup("validate")
+    info = dm.dataset_info()
+    assert isinstance(info, DatasetInfo)
+    assert info.num_classes == 45 and info.image_size == SIZE
+    assert info.label_to_category_id == {1: 1, 3: 3, 7: 7, 12: 12, 44: 44}
+    assert info.class_names == {1: "circle", 3: "square", 7: "triangle", 12: "cross", 44: "ring"}
+    assert set(info.coco_ground_truth) == {"val"}  # only the split set up
+    assert info.coco_ground_truth["val"].getImgIds() == dm.annotations("val").getImgIds()
+    assert len(info.coco_ground_truth["val"].getImgIds()) == len(annotations(synthetic_coco)["images"])
+    dm.setup("test")
+    assert set(dm.dataset_info().coco_ground_truth) == {"val", "test"}
+
+
 def test_validation_batches_resize_only_and_keep_every_image(synthetic_coco: Path) -> None:
     dm = datamodule(synthetic_coco)
     dm.setup("validate")
@@ -58,14 +75,14 @@ def test_validation_batches_resize_only_and_keep_every_image(synthetic_coco: Pat
     label_of = dm.category_id_to_label
     seen = 0
     for batch in dm.val_dataloader():
-        assert set(batch) == {"images", "targets", "image_ids", "orig_sizes"}
+        assert set(batch) == {"images", "targets", "image_ids", "image_sizes"}
         n = len(batch["image_ids"])
         assert batch["images"].shape == (n, 3, SIZE, SIZE) and batch["images"].dtype == torch.uint8
-        for image_id, orig_size, target in zip(
-            batch["image_ids"].tolist(), batch["orig_sizes"].tolist(), batch["targets"]
-        ):
+        assert isinstance(batch["image_ids"], list) and all(type(i) is int for i in batch["image_ids"])
+        assert batch["image_sizes"].dtype == torch.int64 and batch["image_sizes"].shape == (n, 2)
+        for image_id, image_size, target in zip(batch["image_ids"], batch["image_sizes"].tolist(), batch["targets"]):
             info = images[image_id]
-            assert orig_size == [info["height"], info["width"]]
+            assert image_size == [info["height"], info["width"]]
             scale = np.array([SIZE / info["width"], SIZE / info["height"]] * 2)
             anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
             objects = [a for a in anns if not a["iscrowd"]]
@@ -79,11 +96,24 @@ def test_validation_batches_resize_only_and_keep_every_image(synthetic_coco: Pat
             assert len(target["crowd_boxes"]) == len(crowds)  # crowd regions travel apart
             seen += 1
     assert seen == len(gt["images"])
-    normalised = dm.on_after_batch_transfer(batch, 0)["images"]
-    assert normalised.dtype == torch.float32
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    torch.testing.assert_close(normalised, (batch["images"].float() - mean) / std)
+    # The pixels reach the task as they are: the network normalises them, not the DataModule.
+    transferred = dm.on_after_batch_transfer(batch, 0)["images"]
+    assert transferred.dtype == torch.uint8 and torch.equal(transferred, batch["images"])
+
+
+def test_evaluation_under_two_ranks_scores_each_image_once(synthetic_coco: Path) -> None:
+    """Lightning's DistributedSampler would pad the last rank with repeated images."""
+    dm = datamodule(synthetic_coco, eval_batch_size=2)
+    dm.setup("validate")
+    dataset = dm.datasets["val"]
+    dataset.records = dataset.records[:7]  # an odd count: a padding sampler would repeat one image
+    ids: list[int] = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # a faked 2-process world
+        share = [image_id for batch in dm.val_dataloader() for image_id in batch["image_ids"]]
+        assert len(share) == (4, 3)[rank]
+        ids += share
+    assert sorted(ids) == [record["image_id"] for record in dataset.records]
 
 
 def test_training_drops_images_without_objects_unless_asked(synthetic_coco: Path) -> None:
@@ -222,7 +252,7 @@ def test_realistic_labels_map_to_real_category_ids(realistic_coco: Path, contigu
     images = {image["id"]: image for image in gt["images"]}
     seen = set()
     for batch in dm.val_dataloader():
-        for image_id, target in zip(batch["image_ids"].tolist(), batch["targets"]):
+        for image_id, target in zip(batch["image_ids"], batch["targets"]):
             info = images[image_id]
             objects = [
                 a for a in gt["annotations"]
@@ -407,6 +437,7 @@ def test_zoom_out_fills_with_the_mean() -> None:
     assert out.shape[0] >= 40 and out.shape[1] >= 60
     assert (out[top : top + 40, left : left + 60] == 255).all()
     fill = np.array([round(255 * m) for m in IMAGENET_MEAN])
+    assert tuple(fill) == MEAN_PIXEL == (124, 116, 104)
     assert (out.reshape(-1, 3) == fill).all(axis=1).sum() == out.shape[0] * out.shape[1] - 40 * 60
 
 

@@ -69,7 +69,7 @@ def validate_one_process(args: list[str], checkpoint: Path, out: Path) -> dict[s
 def test_deeplabv3_ddp_miou_equals_one_process(synthetic_voc: Path, tmp_path: Path) -> None:
     args = ["--config", str(CONFIGS / "deeplabv3_mobilenetv2_synthetic.yaml"), "--data.root", str(synthetic_voc),
             "--data.crop_size", "33", "--data.batch_size", "2", "--data.num_workers", "0", "--data.val_limit", "5",
-            "--model.width_mult", "0.35", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--model.network.width_mult", "0.35", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
             "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
     ddp, checkpoint = fit_ddp(args, tmp_path / "ddp")
     single = validate_one_process(args, checkpoint, tmp_path / "single")
@@ -84,7 +84,7 @@ def test_deeplabv3_ddp_miou_equals_one_process(synthetic_voc: Path, tmp_path: Pa
     with torch.no_grad():
         for index in [0, 1, 2, 3, 4, 0]:  # rank 0: 0, 2, 4; rank 1: 1, 3 + 0 again
             sample = data.val_dataset[index]
-            metric.update(task.model(sample["image"][None])["logits"].argmax(1), sample["mask"][None])
+            metric.update(task.network(sample["image"][None])["logits"].argmax(1), sample["mask"][None])
     assert float(metric.compute()["pixel_acc"]) != pytest.approx(single["val/pixel_acc"], abs=1e-7)
 
 
@@ -121,7 +121,7 @@ def test_ssdlite_ddp_map_equals_one_process(
     val = ground_truth_from_predictions(detection_checkpoint, val, synthetic_coco / "val2017")
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
     args = ["--config", str(CONFIGS / "ssdlite_mobilenetv2_synthetic.yaml"), "--data.root", str(root),
-            "--data.image_size", "128", "--model.image_size", "128", "--model.width_mult", "0.35",
+            "--model.network.image_size", "128", "--model.network.width_mult", "0.35",
             "--data.num_workers", "0", "--data.persistent_workers", "false", "--data.eval_batch_size", "1"]  # fmt: skip
     ddp = run_ddp(["validate", *args, "--ckpt_path", str(detection_checkpoint)], tmp_path / "ddp")
     single = validate_one_process(args, detection_checkpoint, tmp_path / "single")

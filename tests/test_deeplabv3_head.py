@@ -1,4 +1,4 @@
-"""heads/deeplabv3.py and the Segmenter: shapes, the paper's sizes, BatchNorm at batch 1, the loss."""
+"""heads/deeplabv3.py and the segmenter network: shapes, the paper's sizes, BatchNorm at batch 1, the loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from backbones import FeatureSpec, MobileNetV2
 from heads.deeplabv3 import DeepLabV3Head, PoolingBatchNorm2d, default_atrous_rates, upsample_logits
-from tasks.segmentation import deeplabv3_mobilenetv2
+from tasks.networks import DeepLabV3MobileNetV2
 
 SMALL = {"width_mult": 0.35}  # tests run on a small network; channels still come from output_shape()
 
@@ -17,7 +17,7 @@ SMALL = {"width_mult": 0.35}  # tests run on a small network; channels still com
 @pytest.mark.parametrize("size", [(321, 321), (97, 131)])
 def test_logits_match_declared_stride_and_input_size(output_stride: int, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    model = deeplabv3_mobilenetv2(num_classes=5, output_stride=output_stride, aux_loss=True, **SMALL).eval()
+    model = DeepLabV3MobileNetV2(num_classes=5, output_stride=output_stride, aux_loss=True, **SMALL).eval()
     images = torch.randn(2, 3, *size)
     features = model.backbone(images)
     declared = model.backbone.output_shape()
@@ -39,13 +39,13 @@ def test_logits_match_declared_stride_and_input_size(output_stride: int, size: t
 
 def test_paper_model_size_and_full_aspp_costs_more() -> None:
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    lite = deeplabv3_mobilenetv2()
+    lite = DeepLabV3MobileNetV2()
     # Table 7: 2.11M parameters; TF DeepLab's layers give exactly this count.
     assert count(lite) == 2_113_557
     assert count(lite.backbone) == 1_811_712  # MobileNetV2 up to the 320-channel c5, no 1280 conv
-    full = deeplabv3_mobilenetv2(aspp="full")
+    full = DeepLabV3MobileNetV2(aspp="full")
     assert abs(count(full) - 4.52e6) < 0.01 * 4.52e6  # Table 7's ASPP row: 4.52M
-    with_final_conv = deeplabv3_mobilenetv2(use_final_conv=True)
+    with_final_conv = DeepLabV3MobileNetV2(use_final_conv=True)
     assert with_final_conv.head.in_feature == "final_conv"
     assert with_final_conv.head.aspp.branches[0].conv.in_channels == 1280
     assert count(with_final_conv) > count(lite) + 400_000  # the 1280 conv and wider 1x1 layers
@@ -73,7 +73,7 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="need aspp='full'"):
         DeepLabV3Head(shape, num_classes=3, atrous_rates=[6])
     with pytest.raises(ValueError, match="output_stride 16 or 8"):
-        deeplabv3_mobilenetv2(output_stride=32)
+        DeepLabV3MobileNetV2(output_stride=32)
     head = DeepLabV3Head(shape, num_classes=3)
     with pytest.raises(ValueError, match=r"masks\[N, H, W\]"):
         head.loss({"logits": torch.zeros(1, 3, 4, 4)}, torch.zeros(1, 1, 4, 4, dtype=torch.long))
@@ -81,7 +81,7 @@ def test_clear_errors() -> None:
 
 def test_batch_of_one_trains_and_pooling_bn_keeps_its_statistics() -> None:
     torch.manual_seed(0)
-    model = deeplabv3_mobilenetv2(num_classes=4, **SMALL).train()
+    model = DeepLabV3MobileNetV2(num_classes=4, **SMALL).train()
     pooling_bn = model.head.aspp.image_pooling.bn
     assert isinstance(pooling_bn, PoolingBatchNorm2d)
     before = pooling_bn.running_mean.clone()
@@ -144,7 +144,7 @@ def test_loss_ignores_255_and_resizes_coarse_logits() -> None:
 
 def test_aux_loss_is_weighted_and_only_in_training() -> None:
     torch.manual_seed(0)
-    model = deeplabv3_mobilenetv2(num_classes=4, aux_loss=True, aux_weight=0.5, **SMALL).train()
+    model = DeepLabV3MobileNetV2(num_classes=4, aux_loss=True, aux_weight=0.5, **SMALL).train()
     images, masks = torch.randn(2, 3, 65, 65), torch.randint(0, 4, (2, 65, 65))
     outputs = model(images)
     losses = model.head.loss(outputs, masks)

@@ -1,29 +1,46 @@
-"""tasks/detection.py: the real CLI and configs, checkpoint round trip, optimiser and schedule."""
+"""tasks/detection.py: the real CLI and configs, checkpoint round trip, optimiser recipes and schedules
+(tasks/optimization.py), linear lr scaling."""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningModule
-from torch import nn
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
 
+from backbones import MobileNetV2
+from heads.ssdlite import SSDLiteHead, normalised_targets
+from tasks.checkpoints import load_task
 from tasks.data.coco import COCODetectionDataModule
-from tasks.detection import SSDLite, SSDLiteDetection, WarmupSchedule, num_classes_advice
+from tasks.detection import SSDLiteDetection, num_classes_advice
+from tasks.networks import SSDLite, SSDLiteMobileNetV2
+from tasks.optimization import SGD, AdamW, OptimizerRecipe, RMSProp, WarmupCosine, WarmupExponential, lr_lambda
 from tools import summary
 from tools.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_CONFIG = str(ROOT / "configs" / "ssdlite_mobilenetv2_synthetic.yaml")
 COCO_CONFIG = ROOT / "configs" / "ssdlite_mobilenetv2_coco.yaml"
+# The data's image_size follows the network's (tools/train.py links them): set it once.
 SMALL = [
-    "--data.image_size", "128", "--model.image_size", "128", "--model.width_mult", "0.35",
+    "--model.network.image_size", "128", "--model.network.width_mult", "0.35",
     "--data.num_workers", "0", "--data.batch_size", "4", "--data.eval_batch_size", "4",
 ]  # fmt: skip
+
+
+def small_network(num_classes: int = 6, image_size: int = 96) -> SSDLiteMobileNetV2:
+    return SSDLiteMobileNetV2(num_classes=num_classes, image_size=image_size, width_mult=0.35)
+
+
+def pixels(*shape: int) -> Tensor:
+    """Random RGB images in 0..255, what the networks take."""
+    return torch.rand(*shape) * 255
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +65,8 @@ def test_fit_fast_dev_run_through_the_real_config(synthetic_coco: Path, tmp_path
         ]
     )
     assert isinstance(cli.model, SSDLiteDetection) and isinstance(cli.datamodule, COCODetectionDataModule)
+    assert isinstance(cli.model.network, SSDLiteMobileNetV2) and cli.model.network.image_size == 128
+    assert cli.datamodule.image_size == 128  # taken from the network
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     for key in (
@@ -66,7 +85,8 @@ def test_fit_fast_dev_run_through_the_real_config(synthetic_coco: Path, tmp_path
         assert key in metrics and math.isfinite(metrics[key].item()), key
     assert 0.0 <= metrics["val/AP"].item() <= 1.0
     # The task reads the label space from its DataModule: 5 shapes + background.
-    assert cli.model.val_map.label_to_category_id == {1: 1, 2: 3, 3: 7, 4: 12, 5: 44}
+    assert cli.model.metrics["val"].label_to_category_id == {1: 1, 2: 3, 3: 7, 4: 12, 5: 44}
+    assert cli.model.label_names() == ["background", "circle", "square", "triangle", "cross", "ring"]
 
 
 def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_path: Path) -> None:
@@ -89,11 +109,16 @@ def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_pa
         SSDLiteDetection.load_from_checkpoint(checkpoint),
         LightningModule.load_from_checkpoint(checkpoint),
     ):
-        assert isinstance(loaded, SSDLiteDetection)
-        assert loaded.hparams.width_mult == 0.35 and loaded.hparams.num_classes == 6
+        assert isinstance(loaded, SSDLiteDetection) and type(loaded.network) is SSDLiteMobileNetV2
+        network = loaded.hparams.network
+        assert network["class_path"] == "tasks.networks.detector.SSDLiteMobileNetV2"
+        assert network["init_args"]["width_mult"] == 0.35 and loaded.num_classes == 6
+        assert isinstance(loaded.optimizer_recipe, AdamW) and isinstance(loaded.lr_schedule, WarmupCosine)
         trained = cli.model.state_dict()
+        assert all(key.startswith("network.") for key in trained)
+        assert trained.keys() == loaded.state_dict().keys()
         assert all(torch.equal(trained[k].cpu(), v) for k, v in loaded.state_dict().items())
-    images = torch.randn(2, 3, 128, 128)
+    images = pixels(2, 3, 128, 128)
     cli.model.eval()
     loaded.eval()
     with torch.no_grad():
@@ -113,9 +138,45 @@ def test_checkpoint_round_trip_and_validate_from_it(synthetic_coco: Path, tmp_pa
     assert len(first[0]["scores"]) <= 100
 
 
+def test_a_task_built_in_python_round_trips_through_its_checkpoint(synthetic_coco: Path, tmp_path: Path) -> None:
+    # No LightningCLI: the network and recipe are plain objects, recorded as configs by the task.
+    task = SSDLiteDetection(
+        small_network(image_size=128), optimizer=RMSProp(lr=0.01), lr_schedule=WarmupExponential(decay_steps=10)
+    )
+    data = COCODetectionDataModule(
+        str(synthetic_coco), image_size=128, batch_size=4, num_workers=0, persistent_workers=False
+    )
+    trainer = Trainer(
+        max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    assert trainer.global_step == 1
+    checkpoint = tmp_path / "python.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    task.eval()
+    images = pixels(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = task.network.detect(images)
+    for restored in (
+        SSDLiteDetection.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True),
+        load_task(checkpoint),
+    ):
+        assert type(restored.network) is SSDLiteMobileNetV2 and restored.network.image_size == 128
+        assert isinstance(restored.optimizer_recipe, RMSProp) and restored.optimizer_recipe.lr == 0.01
+        assert restored.lr_schedule.decay_steps == 10
+        assert restored.label_to_category_id == {1: 1, 2: 3, 3: 7, 4: 12, 5: 44}
+        assert restored.label_names() == task.label_names()
+        restored.eval()
+        with torch.no_grad():
+            actual = restored.network.detect(images)
+        for want, got in zip(expected, actual):
+            assert all(torch.equal(got[key], want[key]) for key in want)
+
+
 def test_coco_config_is_the_paper_model() -> None:
     network = summary.model_from_config(COCO_CONFIG)  # what tools/summary.py counts; no download
-    assert isinstance(network, SSDLite)
+    assert isinstance(network, SSDLite) and network.image_size == 300
     assert network.head.num_classes == 91
     counts = summary.count(network, 300)
     assert abs(counts["params"] - 4.3e6) <= 0.1 * 4.3e6  # Table 6: 4.3M
@@ -123,77 +184,147 @@ def test_coco_config_is_the_paper_model() -> None:
     assert network.head.num_anchors((300, 300)) == 1917
 
 
+def test_the_task_takes_a_network_and_only_training_arguments() -> None:
+    # Issue #13: the network's options live in the network; the task keeps the training concerns.
+    task_args = set(inspect.signature(SSDLiteDetection.__init__).parameters) - {"self", "network"}
+    network_args = set(inspect.signature(SSDLiteMobileNetV2.__init__).parameters)
+    network_args |= set(inspect.signature(SSDLiteHead.__init__).parameters)
+    assert len(task_args) <= 12 and not task_args & (network_args - {"self"})
+
+
+def test_a_network_composed_by_hand_trains_but_is_not_saved_as_a_config() -> None:
+    backbone = MobileNetV2(width_mult=0.35, out_features=("c4_expand", "final_conv"))
+    network = SSDLite(backbone, SSDLiteHead(backbone.output_shape(), num_classes=3, extra_depths=(64, 32, 32, 16)), 96)
+    with pytest.warns(UserWarning, match="network SSDLite does not record its arguments"):
+        task = SSDLiteDetection(network)
+    assert task.network is network and "network" not in task.hparams
+    sgd = {"lr": 0.15, "momentum": 0.9, "nesterov": False, "weight_decay": 4e-5}  # the default recipe, recorded
+    assert task.hparams.optimizer == {"class_path": "tasks.optimization.SGD", "init_args": sgd}
+
+
+def _empty_target() -> dict[str, Tensor]:
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "crowd_boxes": torch.zeros(0, 4)}
+
+
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_on_images_without_objects() -> None:
-    task = SSDLiteDetection(num_classes=6, image_size=96, width_mult=0.35)
-    empty = {
-        "boxes": torch.zeros(0, 4),
-        "labels": torch.zeros(0, dtype=torch.int64),
-        "crowd_boxes": torch.zeros(0, 4),
-    }
+    torch.manual_seed(0)
+    task = SSDLiteDetection(small_network(), box_loss_weight=2.0)
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)  # what the DataModules give
     batch = {
-        "images": torch.randn(2, 3, 96, 96),
-        "targets": [empty, empty],
-        "image_ids": torch.tensor([1, 2]),
-        "orig_sizes": torch.tensor([[200, 300], [96, 96]]),
+        "images": images,
+        "targets": [_empty_target(), _empty_target()],
+        "image_ids": [1, 2],
+        "image_sizes": torch.tensor([[200, 300], [96, 96]]),
     }
     loss = task.training_step(batch, 0)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
-    with pytest.raises(TypeError, match="normalised floats"):
-        task.training_step(dict(batch, images=torch.zeros(2, 3, 96, 96, dtype=torch.uint8)), 0)
-    # Pixel boxes become fractions of the input for the head.
-    batch["targets"][0] = {"boxes": torch.tensor([[9.6, 19.2, 48.0, 96.0]]), "labels": torch.tensor([2])}
-    assert task.normalised_targets(batch)[0]["boxes"][0].tolist() == pytest.approx([0.1, 0.2, 0.5, 1.0])
+    # The network normalises: the same pixels as floats give the same loss.
+    with torch.no_grad():
+        assert torch.equal(task.training_step(dict(batch, images=images.float()), 0), loss.detach())
+    # Targets are pixels of the input; the loss is loss_cls + box_loss_weight x loss_box.
+    box = {"boxes": torch.tensor([[9.6, 19.2, 48.0, 96.0]]), "labels": torch.tensor([2])}
+    assert normalised_targets([box], (96, 96))[0]["boxes"][0].tolist() == pytest.approx([0.1, 0.2, 0.5, 1.0])
+    assert normalised_targets([box], (192, 96))[0]["boxes"][0].tolist() == pytest.approx([0.1, 0.1, 0.5, 0.5])
+    batch["targets"][0] = box
+    with torch.no_grad():
+        total = task.training_step(batch, 0)
+        losses = task.network.loss(task.network(images), batch["targets"], (96, 96))
+    assert losses["loss_box"] > 0
+    assert total.item() == pytest.approx((losses["loss_cls"] + 2.0 * losses["loss_box"]).item(), rel=1e-6)
 
 
-def _trainer_stub(total_steps: int, **attributes: object):
+def _trainer_stub(total_steps: float, **attributes: object):
     return type("Trainer", (), {"estimated_stepping_batches": total_steps, **attributes})()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
-def test_optimizer_excludes_batchnorm_and_biases_from_weight_decay(optimizer: str) -> None:
-    task = SSDLiteDetection(num_classes=6, width_mult=0.35, optimizer=optimizer, lr=0.2, weight_decay=4e-5)
+@pytest.mark.parametrize(
+    ("recipe", "torch_class", "settings"),
+    [
+        (SGD(lr=0.2, momentum=0.8, nesterov=True, weight_decay=1e-4), torch.optim.SGD,
+         {"momentum": 0.8, "nesterov": True}),
+        (RMSProp(lr=0.2, alpha=0.8, eps=0.5, momentum=0.7, weight_decay=1e-4), torch.optim.RMSprop,
+         {"alpha": 0.8, "eps": 0.5, "momentum": 0.7}),
+        (AdamW(lr=0.2, weight_decay=1e-4), torch.optim.AdamW, {"betas": (0.9, 0.999)}),
+    ],
+    ids=["sgd", "rmsprop", "adamw"],
+)  # fmt: skip
+def test_optimizer_recipes_decay_weights_only(recipe: OptimizerRecipe, torch_class: type, settings: dict) -> None:
+    task = SSDLiteDetection(small_network(), optimizer=recipe, lr_schedule=WarmupCosine(warmup_steps=0))
     task._trainer = _trainer_stub(100)
     config = task.configure_optimizers()
     opt = config["optimizer"]
+    assert type(opt) is torch_class and config["lr_scheduler"]["interval"] == "step"
+    assert {key: opt.defaults[key] for key in settings} == settings
     decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 4e-5 and no_decay["weight_decay"] == 0.0
-    bn_and_bias = {id(p) for m in task.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
-    bn_and_bias |= {id(m.bias) for m in task.modules() if isinstance(m, nn.Conv2d) and m.bias is not None}
-    conv_weights = {id(m.weight) for m in task.modules() if isinstance(m, nn.Conv2d)}
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert [decay["lr"], no_decay["lr"]] == pytest.approx([0.2, 0.2])
+    network = task.network
+    bn_and_bias = {id(p) for m in network.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    bn_and_bias |= {id(m.bias) for m in network.modules() if isinstance(m, nn.Conv2d) and m.bias is not None}
+    conv_weights = {id(m.weight) for m in network.modules() if isinstance(m, nn.Conv2d)}
     assert {id(p) for p in no_decay["params"]} == bn_and_bias
     assert {id(p) for p in decay["params"]} == conv_weights
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(task.parameters()))
-    assert config["lr_scheduler"]["interval"] == "step"
-    expected_type = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[
-        optimizer
-    ]
-    assert isinstance(opt, expected_type)
-    if optimizer == "rmsprop":
-        assert opt.defaults["alpha"] == 0.9 and opt.defaults["eps"] == 1.0 and opt.defaults["momentum"] == 0.9
 
 
-def test_warmup_and_schedules_by_hand() -> None:
-    cosine = WarmupSchedule("cosine", total_steps=110, warmup_steps=10, warmup_factor=0.001)
-    assert cosine(0) == pytest.approx(0.001)
-    assert cosine(5) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert cosine(10) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.5)  # half-way through the cosine
-    assert cosine(110) == pytest.approx(0.0, abs=1e-12)
-    floor = WarmupSchedule("cosine", total_steps=110, warmup_steps=10, warmup_factor=0.1, min_lr_ratio=0.1)
-    assert floor(110) == pytest.approx(0.1)
-    exponential = WarmupSchedule(
-        "exponential", total_steps=0, warmup_steps=0, warmup_factor=1.0, decay_rate=0.95, decay_steps=100
-    )
-    assert [exponential(s) for s in (0, 99, 100, 250)] == pytest.approx([1.0, 1.0, 0.95, 0.95**2])
-    constant = WarmupSchedule("constant", total_steps=0, warmup_steps=4, warmup_factor=0.5)
-    assert [constant(s) for s in (0, 2, 4, 1000)] == pytest.approx([0.5, 0.75, 1.0, 1.0])
-    task = SSDLiteDetection(num_classes=6, width_mult=0.35, lr=0.2, warmup_steps=10, warmup_factor=0.001)
+def test_frozen_parameters_are_not_given_to_the_optimizer() -> None:
+    network = SSDLiteMobileNetV2(num_classes=6, width_mult=0.35, frozen_stages=2)
+    task = SSDLiteDetection(network, freeze_bn=True)
+    task._trainer = _trainer_stub(100)
+    groups = task.configure_optimizers()["optimizer"].param_groups
+    optimised = [id(p) for group in groups for p in group["params"]]
+    trainable = {id(p) for p in task.parameters() if p.requires_grad}
+    assert len(optimised) == len(set(optimised)) and set(optimised) == trainable
+    batch_norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batch_norms and not any(id(p) in trainable for m in batch_norms for p in m.parameters())
+    assert not any(p.requires_grad for p in network.backbone.stem.parameters())
+    assert trainable and len(trainable) < len(list(task.parameters()))
+
+
+def test_schedule_factors_by_hand() -> None:
+    cosine = WarmupCosine(warmup_steps=10, warmup_factor=0.001)
+    assert cosine.needs_total_steps
+    assert cosine(0, 110) == pytest.approx(0.001)
+    assert cosine(5, 110) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert cosine(10, 110) == pytest.approx(1.0)
+    assert cosine(60, 110) == pytest.approx(0.5)  # half-way through the cosine
+    assert cosine(110, 110) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(150, 110) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at the floor
+    floor = WarmupCosine(warmup_steps=10, warmup_factor=0.1, min_lr_ratio=0.1)
+    assert floor(60, 110) == pytest.approx(0.1 + 0.9 * 0.5) and floor(110, 110) == pytest.approx(0.1)
+    exponential = WarmupExponential(decay_rate=0.95, decay_steps=100, warmup_steps=0, warmup_factor=1.0)
+    assert not exponential.needs_total_steps
+    assert [exponential(s, 0) for s in (0, 99, 100, 250)] == pytest.approx([1.0, 1.0, 0.95, 0.95**2])
+    constant = WarmupExponential(decay_rate=1.0, warmup_steps=4, warmup_factor=0.5)  # the old "constant"
+    assert [constant(s, 0) for s in (0, 2, 4, 1000)] == pytest.approx([0.5, 0.75, 1.0, 1.0])
+    both = WarmupExponential(decay_rate=0.5, decay_steps=10, warmup_steps=4, warmup_factor=0.5)
+    assert [both(s, 0) for s in (2, 9, 10, 25)] == pytest.approx([0.75, 1.0, 0.5, 0.25])
+    # LambdaLR's function: the run's length given once; a schedule that needs it needs a finite run.
+    assert lr_lambda(cosine, 110)(60) == pytest.approx(0.5)
+    assert lr_lambda(exponential, float("inf"))(100) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="WarmupCosine schedule needs a finite run"):
+        lr_lambda(cosine, float("inf"))
+    with pytest.raises(ValueError, match="needs at least 1 step, got 0"):
+        lr_lambda(cosine, 0)
+
+
+def test_the_task_steps_the_schedule_every_optimizer_step() -> None:
+    schedule = WarmupCosine(warmup_steps=10, warmup_factor=0.001)
+    task = SSDLiteDetection(small_network(), optimizer=SGD(lr=0.2), lr_schedule=schedule)
     task._trainer = _trainer_stub(110)
     config = task.configure_optimizers()
-    assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(0.2 * 0.001)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(111):
+        rates += [group["lr"] for group in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.2 * schedule(step // 2, 110) for step in range(2 * 111)], abs=1e-12)
+    assert rates[0] == pytest.approx(0.2 * 0.001) and rates[2 * 60] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="finite run"):
         task._trainer = _trainer_stub(float("inf"))
         task.configure_optimizers()
@@ -207,11 +338,11 @@ def test_num_classes_must_cover_the_data(synthetic_coco: Path, tmp_path: Path) -
     with pytest.raises(ValueError) as refused:
         main(args)
     message = str(refused.value)
-    assert "--data.contiguous_labels true --model.num_classes 6" in message
-    assert "--model.num_classes 45" in message and "39 ids without a category are masked out" in message
+    assert "--data.contiguous_labels true --model.network.num_classes 6" in message
+    assert "--model.network.num_classes 45" in message and "39 ids without a category are masked out" in message
     assert "\n" not in message
-    with pytest.raises(ValueError, match=r"; set --model.num_classes 6$"):
-        main([*args[:-2], "--model.num_classes", "4"])  # contiguous labels: one answer
+    with pytest.raises(ValueError, match=r"; set --model.network.num_classes 6$"):
+        main([*args[:-2], "--model.network.num_classes", "4"])  # contiguous labels: one answer
 
 
 def test_category_ids_as_labels_train_and_validate_without_unused_ids(synthetic_coco: Path, tmp_path: Path) -> None:
@@ -220,40 +351,45 @@ def test_category_ids_as_labels_train_and_validate_without_unused_ids(synthetic_
     cli = main(
         ["fit", "--config", SYNTHETIC_CONFIG, "--data.root", str(synthetic_coco), "--trainer.fast_dev_run", "1",
          "--trainer.default_root_dir", str(tmp_path), *SMALL, "--data.contiguous_labels", "false",
-         "--model.num_classes", "45"]
+         "--model.network.num_classes", "45"]
     )  # fmt: skip
-    head = cli.model.model.head
+    head = cli.model.network.head
     assert head.valid_labels.nonzero().flatten().tolist() == [0, 1, 3, 7, 12, 44]
-    assert cli.model.val_map.label_to_category_id == {1: 1, 3: 3, 7: 7, 12: 12, 44: 44}
+    assert cli.model.metrics["val"].label_to_category_id == {1: 1, 3: 3, 7: 7, 12: 12, 44: 44}
     assert math.isfinite(cli.trainer.callback_metrics["val/AP"].item())
-    head.eval()
-    with torch.no_grad():
-        detections = cli.model.model.detect(torch.randn(2, 3, 128, 128))
+    cli.model.eval()
+    detections = cli.model.network.detect(pixels(2, 3, 128, 128))
     labels = torch.cat([d["labels"] for d in detections])
     assert len(labels) > 0 and set(labels.tolist()) <= {1, 3, 7, 12, 44}
 
 
 def test_checkpoint_without_the_label_mask_still_loads(detection_checkpoint: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(detection_checkpoint, weights_only=True)
-    assert checkpoint["state_dict"]["model.head.valid_labels"].all()  # 5 contiguous labels + background
-    del checkpoint["state_dict"]["model.head.valid_labels"]  # as written before the mask existed
+    assert checkpoint["state_dict"]["network.head.valid_labels"].all()  # 5 contiguous labels + background
+    del checkpoint["state_dict"]["network.head.valid_labels"]  # as written before the mask existed
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
-    loaded = SSDLiteDetection.load_from_checkpoint(old)
-    assert loaded.model.head.valid_labels.tolist() == [True] * 6
+    loaded = SSDLiteDetection.load_from_checkpoint(old, weights_only=True)
+    assert loaded.network.head.valid_labels.tolist() == [True] * 6
 
 
 def test_num_classes_advice_by_hand() -> None:
     contiguous = num_classes_advice(6, 4, {1: 1, 2: 3, 3: 7, 4: 12, 5: 44})
-    assert contiguous.endswith("; set --model.num_classes 6")
+    assert contiguous.endswith("; set --model.network.num_classes 6")
     ids = num_classes_advice(91, 45, {i: i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}})
-    assert "--data.contiguous_labels true --model.num_classes 81" in ids and "--model.num_classes 91 (the 10 ids" in ids
+    assert "--data.contiguous_labels true --model.network.num_classes 81" in ids
+    assert "--model.network.num_classes 91 (the 10 ids" in ids
 
 
 # ------------------------------------------------------------------------------ lr scaling
 class _Data:
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
+
+
+def _scaled_task(**options: object) -> SSDLiteDetection:
+    schedule = WarmupCosine(warmup_steps=0)
+    return SSDLiteDetection(small_network(), optimizer=SGD(lr=0.15), lr_schedule=schedule, **options)
 
 
 @pytest.mark.parametrize(
@@ -263,7 +399,7 @@ class _Data:
 def test_lr_scales_with_the_effective_batch(
     batch_size: int, world_size: int, accumulate: int, expected: float, caplog: pytest.LogCaptureFixture
 ) -> None:
-    task = SSDLiteDetection(num_classes=6, width_mult=0.35, lr=0.15, lr_reference_batch=192, warmup_steps=0)
+    task = _scaled_task(lr_reference_batch=192)
     task._trainer = _trainer_stub(
         100, datamodule=_Data(batch_size), world_size=world_size, accumulate_grad_batches=accumulate
     )
@@ -275,10 +411,10 @@ def test_lr_scales_with_the_effective_batch(
 
 
 def test_lr_is_unscaled_without_a_reference_or_a_batch_size() -> None:
-    task = SSDLiteDetection(num_classes=6, width_mult=0.35, lr=0.15, warmup_steps=0)
+    task = _scaled_task()
     task._trainer = _trainer_stub(100, datamodule=_Data(4), world_size=2, accumulate_grad_batches=1)
     assert task.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(0.15)
-    task = SSDLiteDetection(num_classes=6, width_mult=0.35, lr=0.15, lr_reference_batch=192, warmup_steps=0)
+    task = _scaled_task(lr_reference_batch=192)
     task._trainer = _trainer_stub(100, datamodule=None, world_size=8, accumulate_grad_batches=1)
     with pytest.warns(UserWarning, match="no DataModule with a batch_size"):
         optimizer = task.configure_optimizers()["optimizer"]
@@ -286,8 +422,10 @@ def test_lr_is_unscaled_without_a_reference_or_a_batch_size() -> None:
 
 
 def test_configs_state_the_batch_their_lr_is_for() -> None:
-    coco = yaml.safe_load(COCO_CONFIG.read_text())
-    assert coco["model"]["init_args"]["lr"] == 0.15 and coco["model"]["init_args"]["lr_reference_batch"] == 192
+    coco = yaml.safe_load(COCO_CONFIG.read_text())["model"]["init_args"]
+    assert coco["optimizer"] == {"class_path": "tasks.optimization.SGD",
+                                 "init_args": {"lr": 0.15, "momentum": 0.9, "weight_decay": 4e-5}}  # fmt: skip
+    assert coco["lr_reference_batch"] == 192
     synthetic = yaml.safe_load(Path(SYNTHETIC_CONFIG).read_text())
     # The synthetic recipe was tuned at its own batch: at that batch nothing is rescaled.
     assert synthetic["model"]["init_args"]["lr_reference_batch"] == synthetic["data"]["init_args"]["batch_size"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,30 +180,125 @@ def test_test_tool_writes_only_detections_with_a_category(
 ) -> None:
     # tools/test.py (tasks.evaluation.checkpoint) converts labels with the metric validation uses:
     # a label without a category id (here 9, beyond the 5 classes) is dropped and reported, not a KeyError.
-    from tasks.checkpoints import load_task
     from tasks.detection import SSDLiteDetection
     from tasks.evaluation import checkpoint as evaluation
 
-    task = load_task(detection_checkpoint, (SSDLiteDetection,))
-    datamodule = evaluation.load_datamodule(detection_checkpoint, num_workers=0, persistent_workers=False)
-    predict_step = task.predict_step
+    validation_step = SSDLiteDetection.validation_step  # what the prediction files are written from
 
-    def with_a_stray_label(batch: dict, batch_idx: int) -> list[dict]:
-        detections = predict_step(batch, batch_idx)
+    def with_a_stray_label(self: SSDLiteDetection, batch: dict, batch_idx: int) -> list[dict]:
+        detections = validation_step(self, batch, batch_idx)
         first = detections[0]
         first["boxes"] = torch.cat([first["boxes"], torch.tensor([[1.0, 2.0, 20.0, 30.0]])])
         first["scores"] = torch.cat([first["scores"], torch.tensor([0.99])])
         first["labels"] = torch.cat([first["labels"], torch.tensor([9])])
         return detections
 
-    monkeypatch.setattr(task, "predict_step", with_a_stray_label)
+    monkeypatch.setattr(SSDLiteDetection, "validation_step", with_a_stray_label)
     with pytest.warns(UserWarning, match=r"detections have labels without a COCO category id \[9\]"):
-        summary, report = evaluation.evaluate_detection(task, datamodule, tmp_path, "pycocotools")
+        summary, report = evaluation.evaluate_checkpoint(detection_checkpoint, tmp_path, backend="pycocotools", progress=False)
     written = json.loads((tmp_path / "detections.json").read_text())
-    categories = set(datamodule.label_to_category_id.values())
+    categories = {1, 3, 7, 12, 44}  # the synthetic set's category ids
     assert written and {d["category_id"] for d in written} <= categories
     assert summary["unscored_detections"] == 0 and 0.0 <= summary["AP"] <= 1.0
     assert "unscored detections" in report
+
+
+# ------------------------------------------------------------------------------- test.py
+def validate_with_train_py(config: str, checkpoint: Path, data_root: Path, tmp_path: Path) -> dict[str, float]:
+    """What ``tools/train.py validate --ckpt_path CHECKPOINT`` logs (in-process, as its command line runs)."""
+    from tools.train import main as train_main
+
+    cli = train_main(["validate", "--config", str(ROOT / "configs" / config), "--ckpt_path", str(checkpoint),
+                      "--data.root", str(data_root), "--data.num_workers", "0", "--model.network.width_mult", "0.35",
+                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                      "--trainer.logger", "false"])  # fmt: skip
+    return {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
+
+
+def test_test_tool_equals_validate_and_eval_coco_and_writes_metrics_json(
+    detection_checkpoint: Path, synthetic_coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tools import test as test_tool
+
+    out = tmp_path / "test"
+    code, stdout, stderr = run_in_process(test_tool.main, detection_checkpoint, "--out", out, "--json", capsys=capsys)
+    assert code == 0, stderr
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "metrics.json").read_text()) == metrics  # the same numbers in a file
+    assert f"wrote the metrics to {out / 'metrics.json'}" in stdout
+    assert "test: 100%" in stderr and "batch" in stderr  # progress, on stderr: stdout stays the report
+
+    gt = synthetic_coco / "annotations" / "instances_val2017.json"
+    code, again, _ = run_in_process(eval_coco.main, gt, out / "detections.json", "--json", capsys=capsys)
+    assert code == 0 and {k: v for k, v in json.loads(again).items() if k != "per_class"} == metrics
+
+    monkeypatch.setattr(sys, "argv", ["tools/train.py"])  # LightningCLI compares with sys.argv
+    logged = validate_with_train_py("ssdlite_mobilenetv2_synthetic.yaml", detection_checkpoint, synthetic_coco, tmp_path)
+    for key in ("AP", "AP50", "AP75", "AR100"):
+        assert metrics[key] == pytest.approx(logged[f"val/{key}"], abs=1e-6)  # float32 when logged
+    assert f"val/AP {logged['val/AP']:.4f}, val/loss {logged['val/loss']:.4f}" in stdout
+
+
+def test_test_tool_segmentation_equals_validate_and_eval_miou(
+    segmentation_checkpoint: Path, synthetic_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tools import test as test_tool
+
+    out = tmp_path / "test"
+    code, stdout, stderr = run_in_process(test_tool.main, segmentation_checkpoint, "--out", out, "--json", capsys=capsys)
+    assert code == 0, stderr
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    voc = synthetic_voc / "VOCdevkit" / "VOC2012"
+    split = voc / "ImageSets" / "Segmentation" / "val.txt"
+    assert sorted(path.stem for path in (out / "labels").glob("*.png")) == sorted(split.read_text().split())
+    code, again, _ = run_in_process(
+        eval_miou.main, voc / "SegmentationClass", out / "labels", "--num-classes", len(metrics["per_class"]),
+        "--split-file", split, "--json", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0 and json.loads(again) == metrics
+
+    monkeypatch.setattr(sys, "argv", ["tools/train.py"])
+    logged = validate_with_train_py("deeplabv3_mobilenetv2_synthetic.yaml", segmentation_checkpoint, synthetic_voc, tmp_path)
+    assert metrics["mIoU"] == pytest.approx(logged["val/mIoU"], abs=1e-6)
+    assert metrics["pixel_acc"] == pytest.approx(logged["val/pixel_acc"], abs=1e-6)
+
+
+def with_data_root(checkpoint: Path, root: Path, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose saved data settings name ``root``."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["datamodule_hyper_parameters"]["root"] = str(root)
+    torch.save(saved, out)
+    return out
+
+
+def test_test_tool_points_to_data_root_when_the_data_has_moved(
+    detection_checkpoint: Path, synthetic_coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools import test as test_tool
+
+    moved = tmp_path / "moved" / "coco"
+    checkpoint = with_data_root(detection_checkpoint, moved, tmp_path / "moved.ckpt")
+    code, _, stderr = run_in_process(test_tool.main, checkpoint, "--out", tmp_path / "a", "--no-progress", capsys=capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {moved}: "), lines
+    assert "--data-root" in lines[0]
+
+    # The folder is there but a file it should hold is not.
+    partial = Path(shutil.copytree(synthetic_coco, tmp_path / "partial"))
+    (partial / "annotations" / "instances_val2017.json").unlink()
+    checkpoint = with_data_root(detection_checkpoint, partial, tmp_path / "partial.ckpt")
+    code, _, stderr = run_in_process(test_tool.main, checkpoint, "--out", tmp_path / "b", "--no-progress", capsys=capsys)
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith(("GPU available", "TPU available"))]
+    assert code == 1 and len(lines) == 1 and "instances_val2017.json" in lines[0] and "--data-root" in lines[0], lines
+
+    code, stdout, stderr = run_in_process(
+        test_tool.main, checkpoint, "--data-root", synthetic_coco, "--out", tmp_path / "c", "--no-progress", capsys=capsys
+    )
+    assert code == 0, stderr
+    assert (tmp_path / "c" / "detections.json").is_file() and (tmp_path / "c" / "metrics.json").is_file()
 
 
 def test_eval_coco_empty_detections_warn_and_score_zero(coco_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-"""Export: the batched (exportable) post-processing, ONNX and TorchScript files checked against eager."""
+"""Export: the batched (exportable) post-processing, ONNX and TorchScript files checked against eager,
+the metadata the files carry, the parity report and the refusal of a mismatched extension."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +18,17 @@ from torchvision.ops import nms
 from heads.anchors import decode_boxes
 from heads.detection_postprocess import batched_detections
 from tasks import deploy
-from tasks.deploy import ExportableDetector, ExportableSegmenter
-from tasks.detection import ssdlite_mobilenetv2
-from tasks.segmentation import deeplabv3_mobilenetv2
-from tools import export
 from tasks.checkpoints import load_task
+from tasks.deploy import ExportableDetector, ExportableSegmenter
+from tasks.networks import DeepLabV3MobileNetV2, SSDLiteMobileNetV2
+from tools import export
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pixels(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random RGB images in 0..255, what the networks take."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 255
 
 
 def reference_detections(
@@ -46,7 +53,7 @@ def reference_detections(
 
 def test_batched_postprocess_equals_a_per_image_reference() -> None:
     torch.manual_seed(0)
-    model = ssdlite_mobilenetv2(num_classes=6, width_mult=0.35, detections_per_image=20, topk_candidates=50).eval()
+    model = SSDLiteMobileNetV2(num_classes=6, width_mult=0.35, detections_per_image=20, topk_candidates=50).eval()
     head = model.head
     outputs = {
         "cls_logits": torch.randn(3, 2034, 6) * 3,  # distinct scores: no ties to order differently
@@ -74,26 +81,26 @@ def test_batched_postprocess_equals_a_per_image_reference() -> None:
 
 def test_exported_detector_matches_eager_with_dynamic_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = ssdlite_mobilenetv2(num_classes=4, width_mult=0.35).eval()
+    model = SSDLiteMobileNetV2(num_classes=4, width_mult=0.35, image_size=160).eval()
     with torch.no_grad():  # decisive scores, as a trained network has: random init gives near-ties
         for predictor in model.head.cls_predictors:
             predictor[-1].weight.mul_(30)
     module = ExportableDetector(model).eval()
-    export.export_onnx(module, torch.randn(1, 3, 160, 160), tmp_path / "det.onnx", dynamic_size=False)
-    run = export.load_runner(tmp_path / "det.onnx", "onnx", threads=1)
-    report = export.verify(module, run, torch.randn(3, 3, 160, 160))
+    deploy.export_onnx(module, pixels(1, 3, 160, 160), tmp_path / "det.onnx", dynamic_size=False)
+    run = deploy.load_runner(tmp_path / "det.onnx", "onnx", threads=1)
+    report = deploy.verify(module, run, pixels(3, 3, 160, 160, seed=1))
     assert report["detections_matched"] >= 0.99 and report["detections"] > 0
-    boxes, scores, labels, batch_index = run(np.random.default_rng(0).standard_normal((2, 3, 160, 160), dtype=np.float32))
+    boxes, scores, labels, batch_index = run(pixels(2, 3, 160, 160, seed=2).numpy())
     assert boxes.shape[1] == 4 and set(np.unique(batch_index)) <= {0, 1} and labels.min() >= 1
     assert (np.bincount(batch_index) <= 100).all()
 
 
 def test_exported_segmenter_accepts_other_sizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = ExportableSegmenter(deeplabv3_mobilenetv2(num_classes=5, width_mult=0.35).eval(), output="logits").eval()
-    export.export_onnx(module, torch.randn(1, 3, 65, 65), tmp_path / "seg.onnx", dynamic_size=True)
+    module = ExportableSegmenter(DeepLabV3MobileNetV2(num_classes=5, width_mult=0.35).eval(), output="logits").eval()
+    deploy.export_onnx(module, pixels(1, 3, 65, 65), tmp_path / "seg.onnx", dynamic_size=True)
     session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
-    images = torch.randn(2, 3, 97, 131)
+    images = pixels(2, 3, 97, 131, seed=1)
     (logits,) = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
         expected = module(images)[0].numpy()
@@ -102,41 +109,109 @@ def test_exported_segmenter_accepts_other_sizes(tmp_path: Path) -> None:
 
 
 def test_export_verify_catches_a_wrong_file(tmp_path: Path) -> None:
-    module = ExportableSegmenter(deeplabv3_mobilenetv2(num_classes=5, width_mult=0.35).eval(), output="logits").eval()
+    module = ExportableSegmenter(DeepLabV3MobileNetV2(num_classes=5, width_mult=0.35).eval(), output="logits").eval()
     with pytest.raises(ValueError, match="logits differs"):
-        export.verify(module, lambda images: [np.zeros((1, 5, 33, 33), np.float32) + 5], torch.randn(1, 3, 33, 33))
+        deploy.verify(module, lambda images: [np.zeros((1, 5, 33, 33), np.float32) + 5], pixels(1, 3, 33, 33))
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_tool_on_checkpoints(
-    detection_checkpoint: Path, segmentation_checkpoint: Path, tmp_path: Path, fmt: str
+def export_process(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+        timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_export_tool_on_checkpoints_writes_metadata_and_a_readable_report(
+    detection_checkpoint: Path, segmentation_checkpoint: Path, tmp_path: Path, suffix: str
 ) -> None:
-    suffix = "onnx" if fmt == "onnx" else "pt"
-    for name, checkpoint in (("det", detection_checkpoint), ("seg", segmentation_checkpoint)):
-        out = tmp_path / f"{name}.{suffix}"
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "export.py"), str(checkpoint), "--out", str(out),
-             "--format", fmt, "--input-size", "96"],
-            capture_output=True, text=True, cwd=ROOT, timeout=600,
-        )  # fmt: skip
+    for name, checkpoint, extra in (("det", detection_checkpoint, []), ("seg", segmentation_checkpoint, ["--input-size", "96"])):
+        out = tmp_path / f"{name}{suffix}"
+        result = export_process(checkpoint, "--out", out, *extra)  # the format follows the extension
         assert result.returncode == 0, result.stderr
         assert out.is_file() and f"wrote {out}" in result.stdout
-        assert ("detections_matched" if name == "det" else "labels_mismatch") in result.stdout
-    task = load_task(detection_checkpoint)
-    assert task.image_size == 128
+        lines = result.stdout.splitlines()
+        report = lines[next(i for i, line in enumerate(lines) if line.startswith("wrote ")) + 1 :]
+        assert report and all(re.fullmatch(r" +[A-Za-z][\w ()]*: \S.*", line) for line in report), report
+        assert len({line.index(": ") for line in report}) == 1  # the colons line up
+        runtime = "ONNX Runtime" if suffix == ".onnx" else "TorchScript"
+        assert re.search(rf"^ +{runtime} latency: \d+\.\d ms$", result.stdout, re.M)
+        if name == "det":
+            assert re.search(r"^ +matched detections: \d+(\.\d+)?%$", result.stdout, re.M)
+        else:
+            assert re.search(r"^ +labels differing: \d+(\.\d+)?%$", result.stdout, re.M)
+
+        task = load_task(checkpoint)
+        metadata = deploy.read_metadata(out)
+        assert json.loads(metadata["class_names"]) == task.label_names()
+        if name == "det":
+            assert metadata["task"] == "detection" and json.loads(metadata["input_size"]) == [128, 128]
+            assert task.network.image_size == 128
+        else:
+            assert metadata["task"] == "segmentation" and metadata["input_size"] == "dynamic"
+        assert "0..255" in metadata["input_format"] and "inside the model" in metadata["input_format"]
+        assert json.loads(metadata["mean"]) == [0.485, 0.456, 0.406] and json.loads(metadata["std"]) == [0.229, 0.224, 0.225]
+        if suffix == ".onnx":  # what a deployment reads with ONNX Runtime alone
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            assert session.get_modelmeta().custom_metadata_map == metadata
+
+
+@pytest.mark.parametrize(
+    ("out", "fmt", "message"),
+    [
+        ("model.pt", "onnx", "model.pt: --format onnx writes .onnx files"),
+        ("model.onnx", "torchscript", "model.onnx: --format torchscript writes .pt or .ts or .torchscript files"),
+        ("model.bin", None, "model.bin: unknown extension .bin"),
+        ("model", "onnx", "model: --format onnx writes .onnx files"),
+    ],
+)
+def test_an_extension_that_does_not_match_the_format_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str, fmt: str | None, message: str
+) -> None:
+    with pytest.raises(SystemExit) as stop:  # refused before the checkpoint is read (it does not exist)
+        export.main([str(tmp_path / "none.ckpt"), "--out", str(tmp_path / out), *(["--format", fmt] if fmt else [])])
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / out).exists()
+
+
+def test_the_parity_report_is_aligned_with_a_space_before_each_number() -> None:
+    report = {"detections": 312, "detections_matched": 1.0, "bbox_regression_max_abs_diff": 2.5e-06,
+              "labels_mismatch": 0.000125, "pytorch_ms": 12.345, "onnx_ms": 7.0}  # fmt: skip
+    assert deploy.parity_report(report) == [
+        "              detections (PyTorch): 312",
+        "                matched detections: 100%",
+        "bbox_regression max abs difference: 2.5e-06",
+        "                  labels differing: 0.0125%",
+        "                   PyTorch latency: 12.3 ms",
+        "              ONNX Runtime latency: 7.0 ms",
+    ]
+
+
+def test_the_metadata_says_the_model_normalises_0_255_pixels(tmp_path: Path) -> None:
+    network = DeepLabV3MobileNetV2(num_classes=3, width_mult=0.35).eval()
+    module, example, dynamic = deploy.exportable(network, ["background", "cat", "dog"], input_size=33)
+    assert dynamic and example.shape == (2, 3, 33, 33) and 1.0 < float(example.max()) <= 255.0
+    deploy.export_torchscript(module, example, tmp_path / "seg.pt", dynamic_size=True)
+    metadata = deploy.read_metadata(tmp_path / "seg.pt")
+    assert json.loads(metadata["class_names"]) == ["background", "cat", "dog"] and metadata["input_size"] == "dynamic"
+    assert metadata["input_format"].startswith("RGB float32 [N, 3, H, W], 0..255")
+    with pytest.raises(ValueError, match="cannot export a Linear"):
+        deploy.exportable(torch.nn.Linear(2, 2), [])
 
 
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_fused_model_gives_the_same_outputs_without_batchnorm(task: str) -> None:
     torch.manual_seed(0)
     if task == "detection":
-        model, size = ssdlite_mobilenetv2(num_classes=4, width_mult=0.5), 160
+        model, size = SSDLiteMobileNetV2(num_classes=4, width_mult=0.5), 160
     else:
-        model, size = deeplabv3_mobilenetv2(num_classes=5, width_mult=0.5, aux_loss=True), 129
+        model, size = DeepLabV3MobileNetV2(num_classes=5, width_mult=0.5, aux_loss=True), 129
     model.train()
     with torch.no_grad():  # non-trivial running statistics for the folding to get right
-        for _ in range(3):
-            model(torch.randn(4, 3, size, size) * 2 + 0.5)
+        for seed in range(3):
+            model(pixels(4, 3, size, size, seed=seed))
     model.eval()
     fused = deploy.fuse_conv_bn(model)
     optimized = deploy.optimize_for_inference(model)
@@ -145,7 +220,7 @@ def test_fused_model_gives_the_same_outputs_without_batchnorm(task: str) -> None
         assert not [m for m in copy.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     convs = [m for m in optimized.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
-    images = torch.randn(2, 3, size, size)
+    images = pixels(2, 3, size, size, seed=5)
     with torch.no_grad():
         expected = model(images)
         for copy in (fused, optimized):

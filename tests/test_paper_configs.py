@@ -63,11 +63,12 @@ def fit_and_validate(config: str, data: list[str], out: Path) -> tuple[Path, dic
     "label_mode",
     [
         pytest.param([], id="91-category-id-slots"),
-        pytest.param(["--data.contiguous_labels", "true", "--model.num_classes", "81"], id="80-contiguous"),
+        pytest.param(["--data.contiguous_labels", "true", "--model.network.num_classes", "81"], id="80-contiguous"),
     ],
 )
 def test_coco_paper_config_end_to_end(realistic_coco: Path, tmp_path: Path, label_mode: list[str]) -> None:
-    data = ["--data.root", str(realistic_coco), "--data.image_size", "128", "--model.image_size", "128",
+    # The network's image_size is the data's too (tasks.cli.link_image_size): set it once.
+    data = ["--data.root", str(realistic_coco), "--model.network.image_size", "128",
             "--data.batch_size", "2", "--data.eval_batch_size", "4", "--data.num_workers", "0",
             "--data.persistent_workers", "false", *label_mode]  # fmt: skip
     checkpoint, metrics = fit_and_validate(COCO_CONFIG, data, tmp_path / "fit")

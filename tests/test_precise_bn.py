@@ -12,6 +12,8 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 from tasks.data.voc import VOCSegmentationDataModule
+from tasks.networks import DeepLabV3MobileNetV2
+from tasks.optimization import AdamW
 from tasks.precise_bn import PreciseBatchNorm, preserved_rng_states, update_bn_stats
 from tasks.segmentation import DeepLabV3Segmentation
 
@@ -56,7 +58,9 @@ def test_preserved_rng_states_restores_every_stream() -> None:
 
 def _fit(root: Path, callbacks: list) -> DeepLabV3Segmentation:
     seed_everything(0)
-    model = DeepLabV3Segmentation(width_mult=0.35, optimizer="adamw", lr=1e-3, freeze_bn=False, bn_momentum=0.0)
+    model = DeepLabV3Segmentation(
+        DeepLabV3MobileNetV2(width_mult=0.35), optimizer=AdamW(lr=1e-3), freeze_bn=False, bn_momentum=0.0
+    )
     data = VOCSegmentationDataModule(str(root), crop_size=49, batch_size=2, num_workers=0, val_limit=2)
     trainer = Trainer(
         accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,

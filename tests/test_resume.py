@@ -49,15 +49,15 @@ class Setup:
 
 DETECTION = Setup(
     "ssdlite_mobilenetv2_synthetic.yaml",
-    ("--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4", "--data.eval_batch_size", "10",
-     "--data.num_workers", "1", "--model.width_mult", "0.35", "--trainer.max_steps", "14",
+    ("--model.network.image_size", "128", "--data.batch_size", "4", "--data.eval_batch_size", "10",
+     "--data.num_workers", "1", "--model.network.width_mult", "0.35", "--trainer.max_steps", "14",
      "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "2"),
     mid_epoch_step=4, epoch_end_step=6, last_batch_step=12,
 )  # fmt: skip
 SEGMENTATION = Setup(
     "deeplabv3_mobilenetv2_synthetic.yaml",
     ("--data.crop_size", "65", "--data.batch_size", "4", "--data.num_workers", "1", "--data.val_limit", "2",
-     "--model.width_mult", "0.35", "--trainer.max_epochs", "4", "--trainer.val_check_interval", "3",
+     "--model.network.width_mult", "0.35", "--trainer.max_epochs", "4", "--trainer.val_check_interval", "3",
      "--trainer.check_val_every_n_epoch", "null", "--trainer.log_every_n_steps", "2"),
     mid_epoch_step=3, epoch_end_step=4, last_batch_step=12,
 )  # fmt: skip
@@ -245,7 +245,8 @@ def test_orphaned_temporary_files_are_removed_when_a_run_starts(
         path.write_bytes(b"partial")  # left by a killed save of an earlier run
     monkeypatch.setattr(sys, "argv", ["tools/train.py"])
     main(["fit", "--config", str(ROOT / "configs" / DETECTION.config), "--data.root", str(synthetic_coco),
-          *DETECTION.args[:8], "--data.num_workers", "0", "--model.width_mult", "0.35", "--trainer.max_steps", "1",
+          "--model.network.image_size", "128", "--data.batch_size", "4", "--data.eval_batch_size", "10",
+          "--data.num_workers", "0", "--model.network.width_mult", "0.35", "--trainer.max_steps", "1",
           "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "run",
           "--trainer.logger.init_args.version", "version_0", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip

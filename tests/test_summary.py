@@ -1,4 +1,5 @@
-"""tools/summary.py: parameter and multiply-add counts against the paper and torchvision."""
+"""tools/summary.py and tasks.configs: parameter and multiply-add counts against the paper and torchvision,
+and a config's network built the one way tools/train.py builds it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torchvision
 
+from tasks.complexity import BackboneFeatures, MobileNetV2Classifier, count
+from tasks.configs import instantiate_config
 from tools import summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +41,7 @@ def test_paper_classifier_counts_from_the_command_line() -> None:
 
 def test_counts_span_the_papers_range_over_width_and_resolution() -> None:
     counts = {
-        (width, size): summary.count(summary.MobileNetV2Classifier(1000, width), size)
+        (width, size): count(MobileNetV2Classifier(1000, width), size)
         for width in (0.35, 1.4)
         for size in (96, 224)
     }
@@ -53,21 +56,21 @@ def test_backbone_alone_has_no_classifier_and_table_output() -> None:
     result = run_summary("--backbone", "mobilenet_v2", "--input-size", "224")
     assert result.returncode == 0, result.stderr
     assert "total" in result.stdout and "2.224M" in result.stdout
-    features = summary.BackboneFeatures()
-    assert summary.count(features, 224)["params"] == 2_223_872
+    assert count(BackboneFeatures(), 224)["params"] == 2_223_872
 
 
 def test_multiply_adds_scale_with_resolution() -> None:
-    model = summary.MobileNetV2Classifier(10)
-    small, large = summary.count(model, 128)["madds"], summary.count(model, 256)["madds"]
+    model = MobileNetV2Classifier(10)
+    small, large = count(model, 128)["madds"], count(model, 256)["madds"]
     assert 3.9 < large / small < 4.1  # convolutions cost grows with the pixel count
 
 
-def test_clear_errors() -> None:
+def test_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_summary("--config", "no/such/config.yaml")
-    assert result.returncode != 0 and "no/such/config.yaml: config file not found" in result.stderr
-    result = run_summary("--backbone", "mobilenet_v2", "--input-size", "8")
-    assert result.returncode == 2 and "--input-size" in result.stderr
+    assert result.returncode == 1 and result.stderr.strip() == "error: no/such/config.yaml: config file not found"
+    with pytest.raises(SystemExit):
+        summary.parse_args(["--backbone", "mobilenet_v2", "--input-size", "8"])
+    assert "--input-size must be at least 32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         summary.parse_args(["--backbone", "resnet50"])
 
@@ -84,10 +87,41 @@ def test_paper_detector_from_its_config() -> None:
 def test_paper_segmenter_from_its_config_and_full_aspp_costs_more() -> None:
     # Table 7, "MNet V2*, OS 16, no ASPP": 2.11M parameters, 2.75B multiply-adds at 512x512.
     config = Path("configs/deeplabv3_mobilenetv2_voc.yaml")
-    lite = summary.count(summary.model_from_config(config), 513)
+    lite = count(summary.model_from_config(config), 513)
     assert abs(lite["params"] - 2.11e6) <= 0.1 * 2.11e6
     assert abs(lite["madds"] - 2.75e9) <= 0.1 * 2.75e9
-    full = summary.count(summary.model_from_config(config, ["aspp=full"]), 513)
+    full = count(summary.model_from_config(config, ["network.aspp=full"]), 513)
+    assert full["params"] == 4_523_541  # the config's comment: full ASPP, 4,523,541 parameters
     assert full["params"] > 2 * lite["params"] and full["madds"] > 1.5 * lite["madds"]
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        summary.model_from_config(config, ["aspp"])
+        summary.model_from_config(config, ["network.aspp"])
+    with pytest.raises(ValueError, match=r"deeplabv3_mobilenetv2_voc.yaml with --model.network.nosuch=1: .*nosuch"):
+        summary.model_from_config(config, ["network.nosuch=1"])
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
+def test_instantiate_config_builds_what_train_py_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tools/train.py runs tasks.cli.main; stop it where `validate` would start and keep what it built.
+    from lightning.pytorch import Trainer
+
+    from tasks.cli import main
+
+    built = {}
+
+    def keep(trainer: Trainer, model: object = None, datamodule: object = None, **kwargs: object) -> list:
+        built.update(task=model, data=datamodule)
+        return []
+
+    monkeypatch.setattr(Trainer, "validate", keep)
+    config = ROOT / "configs" / "ssdlite_mobilenetv2_coco.yaml"
+    main(["validate", "--config", str(config), "--trainer.logger", "false"])
+    task, data = instantiate_config(config)
+    assert type(task) is type(built["task"]) and type(data) is type(built["data"])
+    ours, theirs = task.network, built["task"].network
+    assert type(ours) is type(theirs)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 4_500_543
+    # Same seed_everything from the config: the same initial weights, tensor for tensor.
+    theirs_state = theirs.state_dict()
+    assert ours.state_dict().keys() == theirs_state.keys()
+    assert all(value.equal(theirs_state[key]) for key, value in ours.state_dict().items())
+    assert count(ours, 300)["madds"] == count(theirs, 300)["madds"]

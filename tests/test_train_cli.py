@@ -1,4 +1,5 @@
-"""``tools/train.py`` as a user meets it: every fit ends validated with a summary; errors in one line."""
+"""``tools/train.py`` as a user meets it: every fit ends validated with a summary, curves and TensorBoard
+logs; a quiet start; ``--help`` says what the CLI adds; errors in one line."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tasks.callbacks import fit_summary
+from tasks.logs import read_metrics_csv
 from tools.train import main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DET_CONFIG = str(ROOT / "configs" / "ssdlite_mobilenetv2_synthetic.yaml")
 SEG_CONFIG = str(ROOT / "configs" / "deeplabv3_mobilenetv2_synthetic.yaml")
-DET_SMALL = ["--data.image_size", "128", "--model.image_size", "128", "--data.batch_size", "4",
-             "--data.eval_batch_size", "10", "--model.width_mult", "0.35", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-SEG_SMALL = ["--data.crop_size", "65", "--data.batch_size", "4", "--data.val_limit", "2", "--model.width_mult", "0.35",
+DET_SMALL = ["--model.network.image_size", "128", "--data.batch_size", "4", "--data.eval_batch_size", "10",
+             "--model.network.width_mult", "0.35", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+SEG_SMALL = ["--data.crop_size", "65", "--data.batch_size", "4", "--data.val_limit", "2", "--model.network.width_mult", "0.35",
              "--trainer.enable_progress_bar", "false"]  # fmt: skip
+# What the configs log with (tasks.logs): metrics.csv and TensorBoard events in one folder.
+BOTH_LOGS = ["--trainer.logger.class_path", "tasks.logs.CSVAndTensorBoardLogger"]
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +61,13 @@ def test_a_run_shorter_than_the_validation_interval_ends_validated_and_says_wher
     assert f"logs: {run_folder} (metrics.csv)" in output
     score = float(next(row["val/AP"] for row in rows if row.get("val/AP")))
     assert f"best val/AP: {score:.4f} at {best}" in output
+    # The curves of the run, drawn when fit ended.
+    assert f"curves: {run_folder / 'curves.png'}" in output
+    with Image.open(run_folder / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 0 and picture.size[1] > 0
+    # A quiet start: no adverts, no deprecation warnings from inside the libraries.
+    assert "💡" not in output and "litlogger" not in output and "LeafSpec" not in output, output[-3000:]
+    assert "FutureWarning" not in output and "DeprecationWarning" not in output
 
 
 def test_an_epoch_schedule_shorter_than_the_validation_interval_ends_validated(synthetic_voc: Path, tmp_path: Path) -> None:
@@ -71,12 +84,33 @@ def test_an_epoch_schedule_shorter_than_the_validation_interval_ends_validated(s
     assert f"best val/mIoU: {float(best.best_model_score):.4f} at {best.best_model_path}" in lines
 
 
-def test_a_validated_last_step_is_validated_once(synthetic_coco: Path, tmp_path: Path) -> None:
+def test_a_validated_last_step_is_validated_once_and_logged_for_tensorboard_too(synthetic_coco: Path, tmp_path: Path) -> None:
     cli = main(["fit", "--config", DET_CONFIG, "--data.root", str(synthetic_coco), *DET_SMALL, "--data.num_workers", "0",
                 "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
-    rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").open()))
+                *BOTH_LOGS, "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    folder = Path(cli.trainer.log_dir)
+    rows = read_metrics_csv(folder / "metrics.csv")
     assert [row["step"] for row in rows if row.get("val/AP")] == ["1", "3"]
+    events = EventAccumulator(str(folder))  # beside metrics.csv, the same numbers
+    events.Reload()
+    logged = [(int(row["step"]), float(row["val/AP"])) for row in rows if row.get("val/AP")]
+    scalars = events.Scalars("val/AP")
+    assert [e.step for e in scalars] == [step for step, _ in logged]
+    assert [e.value for e in scalars] == pytest.approx([value for _, value in logged])
+    assert "train/loss" in events.Tags()["scalars"]
+    lines = fit_summary(cli.trainer)
+    assert f"tensorboard: tensorboard --logdir {folder.parent}" in lines and f"curves: {folder / 'curves.png'}" in lines
+
+
+def test_help_starts_with_what_the_cli_adds(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help text is wrapped to the terminal
+    description = text[: text.index("options:")]
+    for promise in ("LightningCLI", "checkpoints written atomically and read safely", "exact resume",
+                    "'--ckpt_path last'", "one line"):  # fmt: skip
+        assert promise in description, description
 
 
 @pytest.fixture

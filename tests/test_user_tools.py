@@ -85,18 +85,19 @@ def test_predict_draws_pictures_for_both_tasks(
 
 
 def validation_detections(checkpoint: Path, root: Path) -> dict[int, dict]:
-    """Detections of the val split through validation's path: DataModule loader, transfer hook,
+    """Detections of the val split through validation's path: DataModule loader, transfer hooks,
     the task's predict_step (one image per batch)."""
     task = load_task(checkpoint)
     data = COCODetectionDataModule(
-        str(root), image_size=task.image_size, eval_batch_size=1, num_workers=0, persistent_workers=False
+        str(root), image_size=task.network.image_size, eval_batch_size=1, num_workers=0, persistent_workers=False
     )
     data.setup("validate")
     found = {}
     with torch.no_grad():
         for batch in data.val_dataloader():
-            for detection in task.predict_step(data.on_after_batch_transfer(batch, 0), 0):
-                found[detection["image_id"]] = detection
+            batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
+            for detection in task.predict_step(batch, 0):
+                found[int(detection["image_id"])] = detection
     return found
 
 

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tasks.data.segmentation_transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_transforms,
-    pad_collate,
-    scale_choices,
-    train_transforms,
-)
-from tasks.data.voc import VOC_CLASSES, VOCSegmentation, VOCSegmentationDataModule, read_mask
-from tasks.data.synthetic import VOC_PALETTE, VOC_SHAPE_CLASSES
-
-
-def unnormalise(image: torch.Tensor) -> np.ndarray:
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return ((image * std + mean) * 255).permute(1, 2, 0).numpy()
+from tasks.data.constants import VOC_CLASSES, VOC_PALETTE
+from tasks.data.contract import DatasetInfo
+from tasks.data.detection_transforms import MEAN_PIXEL
+from tasks.data.files import read_label_png
+from tasks.data.segmentation_transforms import eval_transforms, pad_collate, scale_choices, train_transforms
+from tasks.data.synthetic import VOC_SHAPE_CLASSES
+from tasks.data.voc import VOCSegmentation, VOCSegmentationDataModule
 
 
 def test_palette_masks_are_read_as_class_indices(synthetic_voc: Path) -> None:
@@ -35,7 +28,7 @@ def test_palette_masks_are_read_as_class_indices(synthetic_voc: Path) -> None:
     with Image.open(path) as image:
         assert image.mode == "P"
         as_rgb = np.array(image.convert("RGB"))
-    labels = read_mask(path)
+    labels = read_label_png(path)
     assert labels.dtype == np.uint8 and labels.ndim == 2
     allowed = {0, 255, *VOC_SHAPE_CLASSES.values()}
     seen: set[int] = set()
@@ -49,11 +42,33 @@ def test_palette_masks_are_read_as_class_indices(synthetic_voc: Path) -> None:
     assert np.array_equal(palette[labels], as_rgb)
 
 
-def test_rgb_masks_are_refused_with_the_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["RGB", "I;16", "RGBA"])
+def test_label_maps_in_other_modes_are_refused_with_the_path(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "bad.png"
-    Image.new("RGB", (4, 4), (128, 0, 0)).save(path)
-    with pytest.raises(ValueError, match=r"bad.png: mask is mode RGB, expected P"):
-        read_mask(path)
+    Image.new(mode, (4, 4), (128, 0, 0) if mode != "I;16" else 3).save(path)
+    with pytest.raises(ValueError, match=rf"bad.png: mode {mode}, expected a label map of class indices \(P: palette indices, or L: 8-bit grey\)$"):
+        read_label_png(path)
+
+
+def test_one_label_reader_for_training_and_scoring(tmp_path: Path) -> None:
+    """The mIoU tool reads label PNGs as the DataModule does: the same modes, the same values."""
+    from tasks.evaluation.label_files import evaluate_folders
+
+    labels = np.array([[0, 1, 255], [20, 3, 0]], dtype=np.uint8)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    palette = Image.fromarray(labels, mode="L").convert("P")
+    palette.putpalette(VOC_PALETTE)
+    palette.save(gt_dir / "a.png")
+    Image.fromarray(labels, mode="L").save(gt_dir / "b.png")
+    assert np.array_equal(read_label_png(gt_dir / "a.png"), read_label_png(gt_dir / "b.png"))
+    predicted = np.where(labels == 255, 0, labels).astype(np.uint8)  # a prediction has no void
+    for stem in ("a", "b"):
+        Image.fromarray(predicted, mode="L").save(pred_dir / f"{stem}.png")
+    assert float(evaluate_folders(gt_dir, pred_dir, 21).compute()["pixel_acc"]) == 1.0
+    Image.fromarray(predicted.astype(np.uint16)).save(pred_dir / "a.png")  # 16-bit grey (I;16)
+    with pytest.raises(ValueError, match=r"a.png: mode I;16, expected a label map"):
+        evaluate_folders(gt_dir, pred_dir, 21)
 
 
 def test_missing_split_and_root_errors(synthetic_voc: Path, tmp_path: Path) -> None:
@@ -70,7 +85,7 @@ def make_sbd_copy(synthetic_voc: Path, root: Path) -> Path:
     (voc / "SegmentationClassAug").mkdir()
     ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:5]
     for image_id in ids:
-        mask = read_mask(voc / "SegmentationClass" / f"{image_id}.png")
+        mask = read_label_png(voc / "SegmentationClass" / f"{image_id}.png")
         Image.fromarray(mask, mode="L").save(voc / "SegmentationClassAug" / f"{image_id}.png")
     # The "image path, label path" form some releases of train_aug.txt use.
     lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in ids]
@@ -113,14 +128,15 @@ def test_training_crops_pad_with_ignore_and_keep_masks_aligned() -> None:
         out = transform(image=image, mask=mask)
         tensor, labels = out["image"], torch.as_tensor(out["mask"]).long()
         assert tuple(tensor.shape) == (3, 97, 97) and tuple(labels.shape) == (97, 97)
+        assert tensor.dtype == torch.uint8  # not normalised: the network does it
         values = set(labels.unique().tolist())
         assert values <= {3, 7, 255}  # nearest neighbour: no blended labels
-        red = unnormalise(tensor)[..., 0]
+        red = tensor[0].numpy()
         pad = labels == 255
         if pad.any():
             padded_seen = True
-            # Padding is the mean pixel, i.e. zero once normalised.
-            assert torch.allclose(tensor[:, pad], torch.zeros(3, 1), atol=0.02)
+            # Padding is ImageNet's mean pixel (about zero once the network normalises it).
+            assert (tensor[:, pad] == torch.tensor(MEAN_PIXEL, dtype=torch.uint8)[:, None]).all()
         # Away from the class edge, the image content agrees with the label.
         for label in (3, 7):
             inside = (labels == label).numpy()
@@ -135,28 +151,37 @@ def test_eval_keeps_full_resolution_and_collate_pads(synthetic_voc: Path) -> Non
     for index, sample in enumerate(samples):
         assert sample["image"].shape[-2:] == raw[index]["mask"].shape
         assert torch.equal(sample["mask"], raw[index]["mask"])  # no distortion
+        assert sample["image"].dtype == torch.uint8 and torch.equal(sample["image"], raw[index]["image"])
     batch = pad_collate(samples)
     height = max(s["image"].shape[1] for s in samples)
     width = max(s["image"].shape[2] for s in samples)
     assert tuple(batch["images"].shape) == (2, 3, height, width)
-    assert batch["masks"].dtype == torch.int64
-    for index, (h, w) in enumerate(batch["image_sizes"]):
+    assert batch["masks"].dtype == torch.int64 and batch["images"].dtype == torch.uint8
+    assert batch["image_sizes"].dtype == torch.int64 and batch["image_sizes"].shape == (2, 2)
+    assert (height, width) != tuple(samples[0]["mask"].shape) or (height, width) != tuple(samples[1]["mask"].shape)
+    mean = torch.tensor(MEAN_PIXEL, dtype=torch.uint8)[:, None]
+    for index, (h, w) in enumerate(batch["image_sizes"].tolist()):
         assert (h, w) == tuple(samples[index]["mask"].shape)
+        assert torch.equal(batch["images"][index, :, :h, :w], samples[index]["image"])
         assert torch.equal(batch["masks"][index, :h, :w], samples[index]["mask"])
         assert (batch["masks"][index, h:] == 255).all() and (batch["masks"][index, :, w:] == 255).all()
-        assert (batch["images"][index, :, h:] == 0).all()
+        padding = torch.ones(height, width, dtype=torch.bool)
+        padding[:h, :w] = False
+        assert (batch["images"][index][:, padding] == mean).all()  # ImageNet's mean pixel
     assert batch["image_ids"] == [dataset.ids[0], dataset.ids[1]]
 
 
 def test_datamodule_batches(synthetic_voc: Path) -> None:
     torch.manual_seed(0)
     module = VOCSegmentationDataModule(
-        str(synthetic_voc), crop_size=65, batch_size=3, val_batch_size=2, num_workers=0, val_limit=4
+        str(synthetic_voc), crop_size=65, batch_size=3, eval_batch_size=2, num_workers=0, val_limit=4
     )
     module.setup("fit")
     train = next(iter(module.train_dataloader()))
+    assert set(train) == {"images", "masks", "image_sizes", "image_ids"}
     assert tuple(train["images"].shape) == (3, 3, 65, 65) and tuple(train["masks"].shape) == (3, 65, 65)
-    assert train["images"].dtype == torch.float32 and train["masks"].dtype == torch.int64
+    assert train["images"].dtype == torch.uint8 and train["masks"].dtype == torch.int64
+    assert train["image_sizes"].tolist() == [[65, 65]] * 3
     assert len(module.train_dataloader()) == len(module.train_dataset) // 3  # full batches only
     val_batches = list(module.val_dataloader())
     assert len(val_batches) == 2 and len(val_batches[0]["image_sizes"]) == 2
@@ -171,16 +196,52 @@ def test_datamodule_batches(synthetic_voc: Path) -> None:
     assert not torch.equal(draws[0][0], draws[0][1])  # a new crop each time the image is drawn
 
 
-def test_each_worker_draws_its_own_augmentations(synthetic_voc: Path) -> None:
+@pytest.mark.parametrize("worker_init", [True, False], ids=["seed_worker", "no-worker-init"])
+def test_each_worker_draws_its_own_augmentations(synthetic_voc: Path, worker_init: bool) -> None:
     from torch.utils.data import DataLoader
 
-    from tasks.data.voc import seed_worker_transforms
+    from tasks.data.sampling import seed_worker
 
     dataset = VOCSegmentation(synthetic_voc, "train", transform=train_transforms(49))
     dataset.ids = dataset.ids[:1] * 4  # one image: only the augmentation can differ
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker_transforms)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker if worker_init else None)
     first, second = (batch["image"] for batch, _ in zip(loader, range(2)))  # one from each worker
     assert not torch.equal(first, second)
+
+
+def test_evaluation_under_two_ranks_scores_each_image_once(synthetic_voc: Path) -> None:
+    module = VOCSegmentationDataModule(str(synthetic_voc), eval_batch_size=2, num_workers=0, val_limit=7)
+    module.setup("validate")
+    stems: list[str] = []
+    for rank in range(2):
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # a faked 2-process world
+        share = [stem for batch in module.val_dataloader() for stem in batch["image_ids"]]
+        assert len(share) == (4, 3)[rank]
+        stems += share
+    assert sorted(stems) == module.val_dataset.ids
+
+
+def test_class_names_come_from_the_data(synthetic_voc: Path) -> None:
+    def info(**options) -> DatasetInfo:
+        module = VOCSegmentationDataModule(str(synthetic_voc), num_workers=0, **options)
+        module.setup("validate")
+        return module.dataset_info()
+
+    voc = info()
+    assert isinstance(voc, DatasetInfo) and voc.num_classes == 21 and voc.image_size is None
+    assert voc.class_names == dict(enumerate(VOC_CLASSES)) and voc.label_to_category_id is None
+    assert voc.coco_ground_truth == {}
+    synthetic = info(synthetic=True)  # the generator's names, in VOC's label space
+    assert synthetic.num_classes == 21 and len(synthetic.class_names) == 21
+    assert {synthetic.class_names[label] for label in VOC_SHAPE_CLASSES.values()} == set(VOC_SHAPE_CLASSES)
+    assert all(synthetic.class_names[label] == shape for shape, label in VOC_SHAPE_CLASSES.items())
+    assert synthetic.class_names[0] == "background" and synthetic.class_names[2] == "class_2"
+    names = ["background", *(f"thing{i}" for i in range(1, 21))]
+    own = info(class_names=names)  # a user's list for their own data
+    assert own.num_classes == 21 and own.class_names == dict(enumerate(names))
+    assert VOCSegmentationDataModule(str(synthetic_voc), class_names=["bg", "road", "car"]).num_classes == 3
+    with pytest.raises(ValueError, match=r"data.class_names lists 3 names but data.num_classes is 21"):
+        VOCSegmentationDataModule(str(synthetic_voc), class_names=["bg", "road", "car"], num_classes=21)
 
 
 def test_synthetic_data_is_written_only_when_missing_and_allowed(
@@ -225,10 +286,22 @@ def test_realistic_void_stays_ignore(realistic_voc: Path) -> None:
     assert module.ignore_index == 255
     voc = realistic_voc / "VOCdevkit/VOC2012"
     for batch in module.val_dataloader():
-        (image_id,), (height, width) = batch["image_ids"], batch["image_sizes"][0]
+        (image_id,), (height, width) = batch["image_ids"], batch["image_sizes"][0].tolist()
         with Image.open(voc / "SegmentationClass" / f"{image_id}.png") as mask:
             assert mask.mode == "P"
             expected = np.asarray(mask)
         labels = batch["masks"][0, :height, :width].numpy()
         assert np.array_equal(labels, expected) and (labels == 255).any()  # void borders, as they are
         assert batch["images"].shape[1] == 3
+
+
+def test_options_saved_before_the_rename_are_upgraded() -> None:
+    from backbones import IMAGENET_MEAN, IMAGENET_STD
+    from tasks.checkpoint_conversion import upgrade_voc_options
+
+    old = {"root": "data/VOC", "val_batch_size": 4, "hflip": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert upgrade_voc_options(old) == {"root": "data/VOC", "eval_batch_size": 4, "hflip_p": 0.0}
+    assert upgrade_voc_options({"hflip": True})["hflip_p"] == 0.5
+    VOCSegmentationDataModule(**upgrade_voc_options(old))  # today's DataModule takes them
+    with pytest.raises(ValueError, match=r"data.mean \[0.5, 0.5, 0.5\] is no longer an option: the network normalises"):
+        upgrade_voc_options({"mean": [0.5, 0.5, 0.5]})

@@ -23,6 +23,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from tasks.startup import quiet_startup  # noqa: E402
+
+if __name__ == "__main__":
+    quiet_startup()  # before torch and Lightning are imported
+
 from tasks import cli  # noqa: E402
 from tasks.data.synthetic import make_coco, make_voc  # noqa: E402
 from tasks.evaluation.checkpoint import evaluate_checkpoint  # noqa: E402
@@ -32,32 +37,10 @@ from tasks.prediction_files import image_paths, predict_files  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_briefly(config: str, data_root: Path, out: Path, steps: int, val_every: int) -> Path:
-    """Fit ``config`` for ``steps`` optimiser steps into ``out``; return the last checkpoint."""
-    cli.main(
-        [
-            "fit",
-            "--config", str(ROOT / "configs" / config),
-            "--data.root", str(data_root),
-            "--trainer.max_steps", str(steps),
-            "--trainer.max_epochs", "-1",
-            "--trainer.val_check_interval", str(val_every),
-            "--trainer.check_val_every_n_epoch", "null",
-            "--trainer.default_root_dir", str(out),
-            "--trainer.logger.init_args.save_dir", str(out),
-            "--trainer.logger.init_args.name", "logs",
-        ]
-    )  # fmt: skip
-    checkpoints = sorted(out.glob("logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not checkpoints:
-        raise RuntimeError(f"{out}: training wrote no last.ckpt")
-    return checkpoints[-1]
-
-
 def evaluate_and_print(checkpoint: Path, out: Path) -> dict[str, Any]:
     """What ``tools/test.py CHECKPOINT --out OUT`` prints and returns."""
     try:
-        metrics, report = evaluate_checkpoint(checkpoint, out)
+        metrics, report = evaluate_checkpoint(checkpoint, out, accelerator="auto")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -100,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for task, config, root, steps, images in jobs:
         out = args.out / task
         print(f"[2/4] {task}: training {config} for {steps} steps", flush=True)
-        checkpoint = train_briefly(config, root, out, steps, val_every=max(1, steps // 3))
+        checkpoint = cli.fit_briefly(ROOT / "configs" / config, root, out, steps, val_every=max(1, steps // 3))
         print(f"[3/4] {task}: evaluating {checkpoint}", flush=True)
         metrics = evaluate_and_print(checkpoint, out / "predictions")
         results[task] = metrics["AP"] if task == "detection" else metrics["mIoU"]

@@ -4,7 +4,7 @@
 
 Files are matched by stem (``2007_000033.png`` with ``2007_000033.png``). Both folders hold
 single-channel label maps: palette PNGs (VOC's ``SegmentationClass``; the *indices* are read,
-never the colours) or plain 8/16-bit grey PNGs of class indices. One confusion matrix is
+never the colours) or plain 8-bit grey PNGs of class indices. One confusion matrix is
 accumulated over all images (memory does not grow with their number), the standard protocol.
 """
 

@@ -2,10 +2,13 @@
 
     python tools/summary.py --backbone mobilenet_v2 --num-classes 1000 --input-size 224
     python tools/summary.py --config configs/ssdlite_mobilenetv2_coco.yaml --input-size 300 --json
-    python tools/summary.py --config configs/deeplabv3_mobilenetv2_voc.yaml --input-size 513 --set aspp=full
+    python tools/summary.py --config configs/deeplabv3_mobilenetv2_voc.yaml --input-size 513 --set network.aspp=full
 
 Multiply-adds are counted by ``torch.utils.flop_counter`` (one multiply-add = 2 FLOPs) on one
-image of ``input-size`` x ``input-size``, the convention of the paper's Tables 4, 6 and 7.
+image of ``input-size`` x ``input-size``, the convention of the paper's Tables 4, 6 and 7. A
+config's network is built as ``tools/train.py`` builds it (``tasks.configs.instantiate_config``);
+``--set KEY=VALUE`` (e.g. ``network.aspp=full``) is ``--model.KEY=VALUE`` on ``tools/train.py``'s
+command line.
 """
 
 from __future__ import annotations
@@ -16,68 +19,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from backbones.mobilenetv2 import MobileNetV2  # noqa: E402
-from tasks.complexity import count  # noqa: E402
+from tasks.startup import quiet_startup  # noqa: E402
+
+if __name__ == "__main__":
+    quiet_startup()  # before torch and Lightning are imported
+
+from tasks.complexity import BackboneFeatures, MobileNetV2Classifier, count  # noqa: E402, F401
 
 
-class MobileNetV2Classifier(nn.Module):
-    """The paper's ImageNet network: MobileNetV2 features, global average pool, linear to K."""
+def model_from_config(path: Path, settings: Sequence[str] = ()) -> nn.Module:
+    """The network a training config trains, with ``KEY=VALUE`` model settings (YAML values)."""
+    from tasks.configs import instantiate_config
 
-    def __init__(self, num_classes: int, width_mult: float = 1.0) -> None:
-        super().__init__()
-        self.backbone = MobileNetV2(width_mult=width_mult, out_features=("final_conv",))
-        channels = self.backbone.output_shape()["final_conv"].channels
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(channels, num_classes))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)["final_conv"]
-        return self.classifier(features.mean(dim=(2, 3)))
-
-
-class BackboneFeatures(nn.Module):
-    """A backbone with every output it can tap, for counting the feature extractor alone."""
-
-    def __init__(self, width_mult: float = 1.0) -> None:
-        super().__init__()
-        self.backbone = MobileNetV2(width_mult=width_mult, out_features=("final_conv",))
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.backbone(images)
-
-
-def model_from_config(path: Path, overrides: Sequence[str] = ()) -> nn.Module:
-    """Build the network of a training config: its LightningModule's ``model`` attribute.
-
-    ``overrides`` are ``KEY=VALUE`` strings for the model's ``init_args`` (YAML values), e.g.
-    ``aspp=full``.
-    """
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningModule
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    config = yaml.safe_load(path.read_text())
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{path}: no 'model' section (expected a LightningCLI config)")
-    model_config = config["model"]
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {override!r}: expected KEY=VALUE")
-        model_config.setdefault("init_args", {})[key] = yaml.safe_load(value)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningModule, "model")
-    parsed = parser.parse_object({"model": model_config})
-    task = parser.instantiate(parsed).model
-    if not isinstance(getattr(task, "model", None), nn.Module):
-        raise ValueError(f"{path}: {type(task).__name__} has no 'model' network attribute to count")
-    return task.model
+    for setting in settings:
+        if not setting.partition("=")[0] or "=" not in setting:
+            raise ValueError(f"--set {setting!r}: expected KEY=VALUE")
+    task, _ = instantiate_config(path, [f"--model.{setting}" for setting in settings])
+    return task.network
 
 
 def format_table(summary: dict[str, object]) -> str:
@@ -132,4 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # a missing or broken config, a bad --set: one line
+        sys.exit(f"error: {error}")

@@ -15,7 +15,8 @@ On top of plain LightningCLI every run gets:
   plug-in);
 * the callbacks of :mod:`tasks.callbacks` (exact resume from any checkpoint, also mid-epoch;
   earlier ``metrics.csv`` rows kept on resume; orphaned temporary files removed; a validation
-  after the last step; per-epoch count of ``data.skip_unreadable``; a closing summary);
+  after the last step; per-epoch count of ``data.skip_unreadable``; ``curves.png`` of the
+  losses and validation scores in the log folder; a closing summary);
 * ``--ckpt_path last`` that finds the newest ``last*.ckpt`` of *earlier* runs of the config
   (Lightning alone looks only in the new run's empty ``version_N`` folder and starts over);
 * a check of ``--ckpt_path`` before anything reads it otherwise: a file that holds Python
@@ -25,6 +26,8 @@ On top of plain LightningCLI every run gets:
 * errors for people in one line: a data or checkpoint problem raised by this project's code
   prints ``error: <file>: <problem>`` and exits with status 1; ``MOBILEDENSE_VERBOSE=1`` shows
   the whole traceback instead.
+* a quiet start (:func:`tasks.startup.quiet_startup`): no deprecation warnings from inside
+  torch, Lightning and the other libraries, no adverts for Lightning's cloud services.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from tasks.startup import quiet_startup  # noqa: E402
+
+if __name__ == "__main__":
+    quiet_startup()  # before torch and Lightning are imported: their import-time warnings too
 
 from tasks.cli import CLI, error_for_people, main, run  # noqa: E402, F401  (importable from here, as before)
 

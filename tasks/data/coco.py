@@ -7,24 +7,25 @@ Layout (COCO 2017)::
     root/annotations/instances_train2017.json
     root/annotations/instances_val2017.json
 
-Batches are dicts (see :func:`collate_detection`)::
+Batches are dicts in the format both DataModules share (:mod:`tasks.data.contract`; see
+:func:`collate_detection`)::
 
-    {"images":     Tensor[N, 3, S, S] float, ImageNet-normalised (uint8 until the batch reaches
-                   the device; the DataModule normalises it in ``on_after_batch_transfer``),
-     "targets":    [{"boxes": FloatTensor[G, 4] xyxy pixels in the S x S image,
-                     "labels": Int64Tensor[G] in 1..K (0 is the background),
-                     "crowd_boxes": FloatTensor[C, 4] xyxy pixels of iscrowd regions}, ...],
-     "image_ids":  Int64Tensor[N] COCO image ids,
-     "orig_sizes": Int64Tensor[N, 2] (height, width) of the original images}
+    {"images":      uint8 Tensor[N, 3, S, S] RGB 0..255, not normalised (the network does it),
+     "targets":     [{"boxes": FloatTensor[G, 4] xyxy pixels in the S x S image,
+                      "labels": Int64Tensor[G] in 1..K (0 is the background),
+                      "crowd_boxes": FloatTensor[C, 4] xyxy pixels of iscrowd regions}, ...],
+     "image_ids":   list[int] COCO image ids,
+     "image_sizes": Int64Tensor[N, 2] (height, width) of the original images: the frame
+                    detections are reported in}
 
 Labels: COCO category ids are not contiguous (1..90 with gaps for 80 classes), so by default
 label ``i`` is the ``i``-th category id in increasing order (:attr:`~COCODetectionDataModule.
 label_to_category_id` and :attr:`~COCODetectionDataModule.category_id_to_label` map both ways);
 with ``contiguous_labels=False`` the label *is* the category id (the TF API's 91-output model).
 
-Evaluation: the task reads :attr:`~COCODetectionDataModule.val_coco` (the loaded pycocotools
-``COCO`` ground truth of the validation split) and ``label_to_category_id`` from
-``trainer.datamodule`` to write COCO results; it never opens a file itself.
+Evaluation: the task reads :meth:`~COCODetectionDataModule.dataset_info` (the label space, and
+the loaded pycocotools ``COCO`` ground truth of the splits set up) to write and score COCO
+results; it never opens a file itself.
 """
 
 from __future__ import annotations
@@ -37,23 +38,22 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from pycocotools.coco import COCO
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.data.detection_transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    detection_eval_transform,
-    detection_train_transform,
-    normalize_images,
-)
+from tasks.data.contract import DatasetInfo
+from tasks.data.detection_transforms import detection_eval_transform, detection_train_transform
 from tasks.data.files import UnreadableSampleError, check_listed_files, read_rgb
-from tasks.data.sampling import ResumableTrainingData, SampleSeeds, attach_skipped, global_seed, load_skipping
+from tasks.data.sampling import (
+    DenseDataModule,
+    SampleSeeds,
+    SeededAugmentation,
+    attach_skipped,
+    global_seed,
+    load_skipping,
+)
 from tasks.data.synthetic import SYNTHETIC_COCO_ROOT, may_write_synthetic, synthetic_hint
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def load_coco_annotations(path: Path) -> COCO:
     return coco
 
 
-class COCODetection(Dataset):
+class COCODetection(SeededAugmentation, Dataset):
     """Images and boxes of one COCO split.
 
     Args:
@@ -107,6 +107,8 @@ class COCODetection(Dataset):
             stops the run with its path and the problem (missing files already here).
         seeds: per-sample augmentation seeds (:class:`~tasks.data.sampling.SampleSeeds`); the
             training loader's :class:`~tasks.data.sampling.EpochSampler` sets their epoch.
+            Without them (or before an epoch is set) the pipeline follows torch's seed
+            (:class:`~tasks.data.sampling.SeededAugmentation`).
 
     Boxes: clipped to the image; boxes left with no width or height, or under 1 px wide or high
     in the image or at ``input_size``, are dropped here and counted in one log line ("dropped N
@@ -138,7 +140,6 @@ class COCODetection(Dataset):
         self.transform = transform
         self.skip_unreadable = skip_unreadable
         self.seeds = seeds
-        self._transform_seed: int | None = None
         self.input_size = input_size
         self.num_dropped_boxes = 0  # objects (iscrowd 0)
         self.num_dropped_crowd = 0  # crowd regions
@@ -217,20 +218,6 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Per-sample augmentation seeds from now on follow ``(seed, epoch, index)``."""
-        if self.seeds is not None:
-            self.seeds.set_epoch(epoch)
-
-    def _seed_transform(self) -> None:
-        # albumentations' Compose owns its RNG: forked workers would all inherit one state and
-        # repeat each other's augmentations. torch gives every worker (and every epoch) its own
-        # initial seed, so re-seed from it whenever it changes.
-        seed = torch.initial_seed()
-        if seed != self._transform_seed:
-            self.transform.set_random_seed(seed % 2**32)
-            self._transform_seed = seed
-
     def load_image(self, index: int) -> np.ndarray:
         """RGB uint8 ``[H, W, 3]`` of record ``index`` (grey, CMYK, RGBA... converted).
 
@@ -250,13 +237,9 @@ class COCODetection(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: ``image`` uint8 Tensor[3, S, S], ``boxes``/``crowd_boxes`` xyxy pixels in it,
-        ``labels``, ``image_id`` and ``orig_size`` (height, width); ``skipped_samples`` lists what
-        it replaced (``skip_unreadable``)."""
-        seed = self.seeds(index) if self.seeds is not None else None
-        if seed is None:
-            self._seed_transform()
-        else:
-            self.transform.set_random_seed(seed)
+        ``labels``, ``image_id`` and ``image_size`` (height, width of the original image);
+        ``skipped_samples`` lists what it replaced (``skip_unreadable``)."""
+        self.seed_transform(index)
         return load_skipping(index, len(self), self._load, skip=self.skip_unreadable)
 
     def _load(self, index: int) -> dict[str, Any]:
@@ -273,13 +256,8 @@ class COCODetection(Dataset):
             "labels": torch.as_tensor(np.asarray(out["labels"]).reshape(-1)[~out_crowd], dtype=torch.int64),
             "crowd_boxes": torch.from_numpy(out_boxes[out_crowd]),
             "image_id": record["image_id"],
-            "orig_size": record["size"],
+            "image_size": record["size"],
         }
-
-
-def _worker_init(worker_id: int) -> None:
-    # One OpenCV thread per loader process: the processes already use every core.
-    cv2.setNumThreads(1)
 
 
 def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -289,18 +267,20 @@ def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "targets": [
             {"boxes": s["boxes"], "labels": s["labels"], "crowd_boxes": s["crowd_boxes"]} for s in samples
         ],
-        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
-        "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+        "image_ids": [int(s["image_id"]) for s in samples],
+        "image_sizes": torch.tensor([s["image_size"] for s in samples], dtype=torch.int64).reshape(-1, 2),
     }
     return attach_skipped(batch, samples)
 
 
-class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
+class COCODetectionDataModule(DenseDataModule):
     """COCO (or any dataset in its layout) for SSD-style detection training and evaluation.
 
     Args:
         root: folder holding ``<split>/`` image folders and ``annotations/instances_<split>.json``.
         image_size: side of the square network input (SSD's fixed-shape resize): 300 or 320.
+            None: the network's ``image_size`` (``tools/train.py`` copies it from
+            ``model.init_args.network``), 320 for a DataModule used alone.
         batch_size: training images per batch (per device under DDP).
         eval_batch_size: validation/test/predict batch size (``batch_size`` when None).
         num_workers: loader processes; decoding and augmentation run there.
@@ -334,14 +314,16 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
 
     Training order and augmentation depend only on (``seed_everything``'s seed, epoch): a run
     resumed from an end-of-epoch checkpoint sees what the uninterrupted run saw, whatever
-    ``num_workers`` is (see :mod:`tasks.data.sampling`).
+    ``num_workers`` is (see :mod:`tasks.data.sampling`). Under DDP evaluation images are split
+    across ranks without the ``DistributedSampler``'s padding: no image is scored twice.
+    After ``setup``, :meth:`dataset_info` describes the data to the task.
     """
 
     def __init__(
         self,
         root: str | Path,
         *,
-        image_size: int = 320,
+        image_size: int | None = None,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -367,13 +349,9 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.image_size = image_size
+        self.image_size = image_size if image_size is not None else 320
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.keep_empty_images = keep_empty_images
         self.contiguous_labels = contiguous_labels
@@ -381,7 +359,6 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
         self.synthetic = synthetic
         self.write_synthetic = write_synthetic
         self.skip_unreadable = skip_unreadable
-        self._init_resumable()
         self.augmentation = {
             "photometric_p": photometric_p,
             "zoom_out_p": zoom_out_p,
@@ -442,6 +419,17 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
     def num_classes(self) -> int:
         """Logits a model needs, background included: ``max label + 1``."""
         return max(self.label_to_category_id) + 1
+
+    def dataset_info(self) -> DatasetInfo:
+        """The label space, the input size and the ground truth of the splits set up (``val``,
+        ``test``) for COCO mAP: what the task reads instead of this DataModule's internals."""
+        return DatasetInfo(
+            num_classes=self.num_classes,
+            class_names=self.class_names,
+            label_to_category_id=self.label_to_category_id,
+            image_size=self.image_size,
+            coco_ground_truth={split: self.annotations(split) for split in ("val", "test") if split in self.datasets},
+        )
 
     @property
     def val_coco(self) -> COCO:
@@ -513,22 +501,7 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        workers = self.num_workers
-        dataset = self.datasets[split]
-        batch_size = self.batch_size if train else self.eval_batch_size
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.train_sampler(dataset) if train else None,
-            # Equal batches keep BatchNorm statistics sane, unless that would leave no batch.
-            drop_last=train and len(dataset) >= batch_size,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            collate_fn=collate_detection,
-            worker_init_fn=_worker_init if workers > 0 else None,
-        )
+        return self.loader(self.datasets[split], train=train, collate_fn=collate_detection)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -541,13 +514,3 @@ class COCODetectionDataModule(ResumableTrainingData, LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise the uint8 images once they are on the device (4x fewer bytes to move)."""
-        if (
-            isinstance(batch, dict)
-            and isinstance(batch.get("images"), Tensor)
-            and batch["images"].dtype == torch.uint8
-        ):
-            batch = {**batch, "images": normalize_images(batch["images"], IMAGENET_MEAN, IMAGENET_STD)}
-        return batch

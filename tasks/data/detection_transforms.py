@@ -1,4 +1,4 @@
-"""SSD-style detection augmentation on albumentations, and image normalisation.
+"""SSD-style detection augmentation on albumentations.
 
 Training offers SSD's augmentation (Liu et al., 2016, section 2.2 "Data augmentation"; torchvision's
 "ssd" policy in references/detection/presets.py): photometric distortion, zoom out (SSD's "expand"
@@ -10,10 +10,10 @@ fixed network size. torchvision's "ssdlite" policy (with which its SSDLite320-Mo
 Validation only resizes. Boxes are Pascal VOC ``[x1, y1, x2, y2]`` in pixels in and out;
 albumentations keeps them consistent with the image through every step.
 
-The pipelines return ``uint8`` images; :func:`normalize_images` turns a batch into the network's
-float input (ImageNet mean and std, the statistics of torchvision's MobileNetV2 weights). The
-DataModule does that after the batch reached the device, so workers and pinned memory move a
-quarter of the bytes.
+The pipelines return ``uint8`` images, and batches keep them so (:mod:`tasks.data.contract`): the
+networks normalise their 0..255 input themselves (ImageNet mean and std, the statistics of
+torchvision's MobileNetV2 weights), and workers and pinned memory move a quarter of the bytes
+of float images. Canvas and padding take :data:`MEAN_PIXEL`, which normalises to about zero.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
-import torch
 from albumentations.augmentations.crops import functional as fcrops
 from albumentations.core.bbox_utils import denormalize_bboxes
-from torch import Tensor
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from backbones import IMAGENET_MEAN
+
+# ImageNet's mean as a uint8 RGB pixel, (124, 116, 104): what SSD's zoom-out canvas and the
+# segmentation padding are filled with, so that they normalise to (about) zero in the network.
+MEAN_PIXEL: tuple[int, int, int] = tuple(round(255 * m) for m in IMAGENET_MEAN)
 # SSD's sampler options: None = keep the whole image, otherwise the minimum IoU of the patch with
 # some object (0 = any patch that keeps an object centre).
 SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
@@ -54,7 +55,7 @@ class ZoomOut(A.DualTransform):
     def __init__(
         self,
         max_scale: float = 4.0,
-        fill: Sequence[float] = tuple(round(255 * m) for m in IMAGENET_MEAN),
+        fill: Sequence[float] = MEAN_PIXEL,
         p: float = 0.5,
     ) -> None:
         super().__init__(p=p)
@@ -244,7 +245,7 @@ def detection_train_transform(
     crop_p: float = 1.0,
     crop_min_scale: float = 0.3,
     hflip_p: float = 0.5,
-    fill: Sequence[float] = tuple(round(255 * m) for m in IMAGENET_MEAN),
+    fill: Sequence[float] = MEAN_PIXEL,
 ) -> A.Compose:
     """SSD training augmentation, then a resize to ``image_size`` x ``image_size``.
 
@@ -274,11 +275,3 @@ def detection_eval_transform(image_size: int) -> A.Compose:
     """Validation: resize to ``image_size`` x ``image_size`` only (SSD's fixed-shape resizer)."""
     return A.Compose([A.Resize(image_size, image_size)], bbox_params=_bbox_params())
 
-
-def normalize_images(
-    images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Tensor:
-    """uint8 ``[N, 3, H, W]`` RGB (0..255) -> float ``(x / 255 - mean) / std``, on ``images``' device."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t

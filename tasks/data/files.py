@@ -60,8 +60,15 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise UnreadableSampleError(f"{path}: corrupt or truncated image ({error})") from error
 
 
+LABEL_PNG_MODES = ("P", "L")  # palette indices (VOC's SegmentationClass), grey class indices (SBD's Aug)
+
+
 def read_label_png(path: str | Path, *, num_classes: int | None = None, ignore_index: int = 255) -> np.ndarray:
     """A label PNG as ``uint8[H, W]`` class indices (palette indices of a 'P' image, or an 'L' image).
+
+    The one reader of label maps: the VOC DataModule's masks and the files ``tools/eval_miou.py``
+    scores. A palette image gives its indices, never its colours (converting it to RGB or grey,
+    a classic bug, turns indices into colours or luminances); other modes are refused.
 
     Args:
         path: the PNG.
@@ -76,9 +83,10 @@ def read_label_png(path: str | Path, *, num_classes: int | None = None, ignore_i
         raise MissingFileError(f"{path}: label file missing")
     try:
         with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
+            if image.mode not in LABEL_PNG_MODES:
                 raise UnreadableSampleError(
-                    f"{path}: mask is mode {image.mode}, expected P (palette indices) or L (class indices)"
+                    f"{path}: mode {image.mode}, expected a label map of class indices "
+                    "(P: palette indices, or L: 8-bit grey)"
                 )
             mask = np.array(image, dtype=np.uint8)  # a 'P' image gives its indices, not colours
     except UnidentifiedImageError as error:

@@ -1,4 +1,5 @@
-"""Training order and augmentation randomness that depend only on (seed, epoch), and skipping.
+"""How both DataModules load: training order and augmentation randomness that depend only on
+(seed, epoch), worker seeding, DDP-safe evaluation sampling, and skipping unreadable samples.
 
 A run resumed from a checkpoint (at the end of an epoch or in the middle of one) must see the
 same images in the same order with the same augmentations as the run that was never stopped.
@@ -14,9 +15,12 @@ across epochs (and per worker). So:
   The same images come out whatever ``num_workers`` is;
 * :func:`load_skipping` replaces an unreadable sample by the next readable one when asked to,
   and records what it skipped (the batch carries the messages; see ``SkippedSamplesReport``);
-* :class:`ResumableTrainingData` puts these together for the DataModules: their checkpoint
-  state is the epoch and the number of samples already trained on in it
-  (:func:`sampler_position`).
+* :class:`SeededAugmentation` (both datasets) seeds the pipeline per sample in training and from
+  torch's seed of the process otherwise; :func:`seed_worker` is both loaders' ``worker_init_fn``;
+* :class:`DenseDataModule` puts these together for the DataModules (the base of both): one way
+  to build loaders from the same options, an evaluation sampler that never repeats an image
+  under DDP, and a checkpoint state that is the epoch and the number of samples already
+  trained on in it (:func:`sampler_position`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+from tasks.data.contract import DatasetInfo
 from tasks.data.files import UnreadableSampleError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,63 @@ class SampleSeeds:
     def __call__(self, index: int) -> int | None:
         epoch = self.epoch
         return None if epoch is None else derived_seed(self.seed, epoch, index)
+
+
+class SeededAugmentation:
+    """Where a dataset's augmentation randomness comes from (a mixin of both datasets).
+
+    albumentations' ``Compose`` owns its random generator, so forked DataLoader workers would all
+    inherit one state and repeat each other's augmentations. :meth:`seed_transform`, called
+    before each sample, seeds the pipeline
+
+    * with ``seeds(index)`` (:class:`SampleSeeds`) once the training sampler has set an epoch:
+      the same augmentation whatever ``num_workers`` is, and after a resume;
+    * otherwise from ``torch.initial_seed()`` whenever that changes: torch gives every worker
+      (and every epoch) its own, and in the main process it is ``torch.manual_seed``'s (so
+      ``seed_everything`` makes the augmentations reproducible).
+
+    Needs ``transform`` (a pipeline with ``set_random_seed``, or None) and ``seeds``.
+    """
+
+    transform: Any
+    seeds: SampleSeeds | None
+    _torch_seed: int | None = None  # the torch seed the pipeline was last seeded from
+
+    def set_epoch(self, epoch: int) -> None:
+        """Per-sample augmentation seeds from now on follow ``(seed, epoch, index)``."""
+        if self.seeds is not None:
+            self.seeds.set_epoch(epoch)
+
+    def seed_transform(self, index: int) -> None:
+        """Seed the pipeline for sample ``index`` (see the class)."""
+        seed = self.seeds(index) if self.seeds is not None else None
+        if seed is None:
+            self.reseed_from_torch()
+        elif self.transform is not None:
+            self.transform.set_random_seed(seed)
+
+    def reseed_from_torch(self) -> None:
+        """Restart the pipeline's own stream from ``torch.initial_seed()`` if that changed."""
+        seed = torch.initial_seed()
+        if self.transform is not None and seed != self._torch_seed:
+            self.transform.set_random_seed(seed % 2**32)
+            self._torch_seed = seed
+
+
+def seed_worker(worker_id: int) -> None:
+    """The ``worker_init_fn`` of both DataModules' loaders: the worker's own augmentation stream.
+
+    Seeds the worker's copy of the dataset (also inside a ``Subset``) from its torch seed, which
+    derives from the main process's (reproducible under ``seed_everything``). The datasets
+    also do it themselves on their first sample (:class:`SeededAugmentation`); this makes it
+    explicit at the worker's start, for any loader built around them.
+    """
+    info = get_worker_info()
+    dataset = info.dataset if info is not None else None
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, SeededAugmentation):
+        dataset.reseed_from_torch()
 
 
 def global_seed(default: int | None = 0) -> int | None:
@@ -211,25 +275,73 @@ class SkipCounter:
         return count
 
 
-class ResumableTrainingData:
-    """What both DataModules add for exact resume and ``skip_unreadable`` (a mixin, listed before
-    ``LightningDataModule``): the training sampler, its position in checkpoints, skip counting.
+class DenseDataModule(LightningDataModule):
+    """What both DataModules share: loaders built one way from the same options, the training
+    sampler and its position in checkpoints, DDP-safe evaluation sampling, skip counting.
 
-    Needs ``hparams.batch_size`` (the training batch size per device).
+    Subclasses call ``save_hyperparameters()`` with (at least) these options, so the same names
+    mean the same thing in both: ``batch_size`` (training images per batch and device),
+    ``eval_batch_size`` (validation/test/predict; ``batch_size`` when None), ``num_workers``,
+    ``pin_memory`` (ignored without CUDA), ``persistent_workers`` (with workers only),
+    ``prefetch_factor`` (with workers only). They implement :meth:`dataset_info`.
     """
 
-    trainer: Any
-    hparams: Any
-
-    def _init_resumable(self) -> None:
+    def __init__(self) -> None:
+        super().__init__()
         self.skipped = SkipCounter()
         # Where the training sampler starts (after a resume: load_state_dict).
         self._start_epoch = 0
         self._start_skip = 0
 
+    def dataset_info(self) -> DatasetInfo:
+        """What the task needs to know about the data (after ``setup``; see :mod:`tasks.data.contract`)."""
+        raise NotImplementedError
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Images per validation, test and predict batch."""
+        return int(self.hparams.eval_batch_size or self.hparams.batch_size)
+
     def train_sampler(self, dataset: Dataset) -> EpochSampler:
         """This rank's share of the ``(seed, epoch)`` shuffle, from the restored position on."""
         return epoch_sampler(dataset, self.trainer, epoch=self._start_epoch, skip=self._start_skip)
+
+    def eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, this rank's disjoint share of an evaluation split; None (in order) alone.
+
+        Lightning's ``DistributedSampler`` pads the last ranks with repeated images, which the
+        summed metrics (COCO results, confusion matrices) would count twice. Each rank takes a
+        disjoint share instead, so every image is scored once (ranks may then run one batch
+        fewer: evaluation must not need per-step collectives). Lightning keeps the sampler, as
+        it is a ``DistributedSampler``.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
+    def loader(
+        self, dataset: Dataset, *, train: bool, collate_fn: Callable[[Sequence[Any]], dict[str, Any]]
+    ) -> DataLoader:
+        """The DataLoader of ``dataset``: the training sampler, or the evaluation one."""
+        hp = self.hparams
+        workers = int(hp.num_workers)
+        batch_size = int(hp.batch_size) if train else self.eval_batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.train_sampler(dataset) if train else self.eval_sampler(dataset),
+            # Equal batches keep BatchNorm statistics sane, unless that would leave no batch.
+            drop_last=train and len(dataset) >= batch_size,
+            num_workers=workers,
+            pin_memory=bool(hp.pin_memory) and torch.cuda.is_available(),
+            persistent_workers=bool(hp.persistent_workers) and workers > 0,
+            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
+            collate_fn=collate_fn,
+            worker_init_fn=seed_worker if workers > 0 else None,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: the epoch and the samples of it already trained on."""

@@ -2,9 +2,9 @@
 
 Training follows TF DeepLab's ``input_preprocess.py`` for PASCAL VOC: random scale in
 [0.5, 2.0] (steps of 0.25), pad to the crop with the mean pixel (image) and the ignore label
-(mask), random 513x513 crop, horizontal flip, then normalisation. Masks are resized with
-nearest-neighbour interpolation only, so class indices never blend. Evaluation only normalises:
-images keep their full resolution.
+(mask), random 513x513 crop, horizontal flip. Masks are resized with nearest-neighbour
+interpolation only, so class indices never blend. Evaluation keeps the full resolution.
+Images stay ``uint8`` RGB (:mod:`tasks.data.contract`): the network normalises them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 from torch import Tensor
 
-# torchvision's ImageNet statistics (RGB, 0-1): the backbone's ImageNet weights expect them.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from tasks.data.constants import VOC_IGNORE_INDEX
+from tasks.data.detection_transforms import MEAN_PIXEL
 
 
 def scale_choices(scale_range: Sequence[float], scale_step: float | None) -> list[float] | None:
@@ -45,19 +43,16 @@ def train_transforms(
     *,
     scale_range: Sequence[float] = (0.5, 2.0),
     scale_step: float | None = 0.25,
-    hflip: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    ignore_index: int = 255,
+    hflip_p: float = 0.5,
+    ignore_index: int = VOC_IGNORE_INDEX,
 ) -> A.Compose:
-    """The training pipeline: ``(image uint8 HxWx3 RGB, mask uint8 HxW)`` -> ``(Tensor[3, c, c], Tensor[c, c])``.
+    """The training pipeline: ``(image uint8 HxWx3 RGB, mask uint8 HxW)`` -> ``(uint8 Tensor[3, c, c], Tensor[c, c])``.
 
     Args:
         crop_size: side of the square training crop (513 in the paper).
         scale_range: min and max random scale of the whole image before cropping.
         scale_step: sample scales on this grid (TF DeepLab: 0.25), or continuously when None.
-        hflip: random left-right flip with probability 0.5.
-        mean, std: normalisation, RGB in 0-1.
+        hflip_p: probability of a left-right flip (0.5 in TF DeepLab; 0 switches flips off).
         ignore_index: the mask value of padding (never counted by the loss).
     """
     scales = scale_choices(scale_range, scale_step)
@@ -83,64 +78,67 @@ def train_transforms(
             ],
             p=1.0,
         )
-    mean_pixel = tuple(float(m * 255.0) for m in mean)  # normalises to exactly 0
     steps: list[Any] = [
         scale,
         A.PadIfNeeded(
             min_height=crop_size,
             min_width=crop_size,
             border_mode=cv2.BORDER_CONSTANT,
-            fill=mean_pixel,
+            fill=MEAN_PIXEL,  # normalises to about 0 in the network
             fill_mask=ignore_index,
         ),
         A.RandomCrop(height=crop_size, width=crop_size),
     ]
-    if hflip:
-        steps.append(A.HorizontalFlip(p=0.5))
-    steps += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
+    if hflip_p > 0:
+        steps.append(A.HorizontalFlip(p=hflip_p))
+    steps.append(ToTensorV2())
     return A.Compose(steps)
 
 
-def eval_transforms(
-    *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> A.Compose:
-    """The evaluation pipeline: normalisation only, full resolution, no distortion."""
-    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])
+def eval_transforms() -> A.Compose:
+    """The evaluation pipeline: the image as it is (full resolution, no distortion), as tensors."""
+    return A.Compose([ToTensorV2()])
 
 
 def apply_transforms(transform: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Run ``transform`` on an RGB uint8 image and its label map; return ``(float image, int64 mask)``."""
+    """Run ``transform`` on an RGB uint8 image and its label map; return ``(uint8 image, int64 mask)``."""
     out = transform(image=image, mask=mask)
-    return out["image"].float(), torch.as_tensor(out["mask"]).long()
+    image_t = torch.as_tensor(out["image"])
+    if image_t.dtype != torch.uint8:
+        raise TypeError(f"the transform returned a {image_t.dtype} image; batches carry uint8 pixels (0..255)")
+    return image_t, torch.as_tensor(out["mask"]).long()
 
 
-def pad_collate(samples: Sequence[Mapping[str, Any]], *, ignore_index: int = 255) -> dict[str, Any]:
+def pad_collate(samples: Sequence[Mapping[str, Any]], *, ignore_index: int = VOC_IGNORE_INDEX) -> dict[str, Any]:
     """Batch samples of different sizes by padding at the bottom/right to the largest.
 
-    Images are padded with 0 (the mean pixel once normalised) and masks with ``ignore_index``,
-    so padding changes no metric; ``image_sizes`` lets predictions be cropped back.
+    Images are padded with :data:`~tasks.data.detection_transforms.MEAN_PIXEL` (about zero once
+    the network has normalised it) and masks with ``ignore_index``, so padding changes no metric;
+    ``image_sizes`` lets predictions be cropped back.
 
     Args:
-        samples: dicts with ``image`` (Tensor[3, H, W] float), ``mask`` (Tensor[H, W] int64) and
+        samples: dicts with ``image`` (uint8 Tensor[3, H, W]), ``mask`` (Tensor[H, W] int64) and
             ``image_id`` (str).
 
     Returns:
-        ``{"images": Tensor[N, 3, Hmax, Wmax], "masks": Tensor[N, Hmax, Wmax] int64,
-        "image_sizes": list[(H, W)], "image_ids": list[str]}``.
+        ``{"images": uint8 Tensor[N, 3, Hmax, Wmax], "masks": Tensor[N, Hmax, Wmax] int64,
+        "image_sizes": Int64Tensor[N, 2] (height, width) before padding, "image_ids": list[str]}``.
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    height = max(int(sample["image"].shape[-2]) for sample in samples)
-    width = max(int(sample["image"].shape[-1]) for sample in samples)
-    images, masks = [], []
-    for sample in samples:
-        image, mask = sample["image"], sample["mask"]
-        pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
-        images.append(F.pad(image, pad, value=0.0))
-        masks.append(F.pad(mask, pad, value=ignore_index))
+    sizes = torch.tensor([tuple(sample["image"].shape[-2:]) for sample in samples], dtype=torch.int64)
+    height, width = (int(v) for v in sizes.max(dim=0).values)
+    first = samples[0]["image"]
+    images = torch.empty((len(samples), 3, height, width), dtype=first.dtype)
+    images[:] = torch.tensor(MEAN_PIXEL, dtype=first.dtype).view(3, 1, 1)
+    masks = torch.full((len(samples), height, width), ignore_index, dtype=torch.int64)
+    for index, sample in enumerate(samples):
+        h, w = sample["image"].shape[-2:]
+        images[index, :, :h, :w] = sample["image"]
+        masks[index, :h, :w] = sample["mask"]
     return {
-        "images": torch.stack(images),
-        "masks": torch.stack(masks),
-        "image_sizes": [tuple(int(v) for v in sample["image"].shape[-2:]) for sample in samples],
+        "images": images,
+        "masks": masks,
+        "image_sizes": sizes,
         "image_ids": [str(sample.get("image_id", "")) for sample in samples],
     }

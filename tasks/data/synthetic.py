@@ -28,38 +28,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
+from tasks.data.constants import VOC_CLASSES, VOC_IGNORE_INDEX, VOC_PALETTE  # noqa: F401  (re-exported)
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 
 # COCO category ids are not contiguous (COCO 2017 uses 1..90 for 80 classes); these gaps make code
 # that confuses a category id with a label index fail loudly.
 COCO_CATEGORY_IDS: dict[str, int] = {"circle": 1, "square": 3, "triangle": 7, "cross": 12, "ring": 44}
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
 # Shape -> index in VOC's 21-class label space (spread out, so no code can assume labels 1..5).
 VOC_SHAPE_CLASSES: dict[str, int] = {"circle": 1, "square": 5, "triangle": 9, "cross": 15, "ring": 20}
-VOC_IGNORE_INDEX = 255  # VOC marks object borders "void" with 255; mIoU ignores those pixels
-
-
-def _voc_palette() -> list[int]:
-    """PASCAL VOC's colour map: bits of the class index interleaved into R, G, B (from VOCdevkit)."""
-    palette: list[int] = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-VOC_PALETTE: list[int] = _voc_palette()  # 768 ints; index 1 = (128, 0, 0), 255 = (224, 224, 192)
+# The names of the labels the VOC-format set uses: what it shows, not VOC's names for those indices.
+SYNTHETIC_VOC_CLASS_NAMES: dict[int, str] = {0: "background", **{i: s for s, i in VOC_SHAPE_CLASSES.items()}}
 
 # COCO's area ranges (COCOeval.Params.areaRng): small < 32^2 <= medium < 96^2 <= large.
 _SMALL, _LARGE = 32**2, 96**2

@@ -10,37 +10,42 @@ Layout read (the official devkit, plus the usual ``SegmentationClassAug`` from S
 
 Label PNGs store class indices (0 = background, 1..20 = objects, 255 = object borders and
 "difficult" regions, ignored). Palette PNGs are read as their indices: converting them to RGB
-or greyscale (a classic bug) turns indices into colours or luminances.
+or greyscale (a classic bug) turns indices into colours or luminances
+(:func:`tasks.data.files.read_label_png`, the project's one label-PNG reader).
+
+Batches are dicts in the format both DataModules share (:mod:`tasks.data.contract`)::
+
+    {"images":      uint8 Tensor[N, 3, H, W] RGB 0..255, not normalised (the network does it),
+     "masks":       Int64Tensor[N, H, W] class indices, 255 = ignore,
+     "image_sizes": Int64Tensor[N, 2] (height, width) of each image before batch padding,
+     "image_ids":   list[str] image stems}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
+from tasks.data.constants import VOC_CLASSES, VOC_IGNORE_INDEX
+from tasks.data.contract import DatasetInfo
 from tasks.data.files import UnreadableSampleError, check_listed_files, read_label_png, read_rgb
-from tasks.data.sampling import ResumableTrainingData, SampleSeeds, attach_skipped, global_seed, load_skipping
-from tasks.data.segmentation_transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    apply_transforms,
-    eval_transforms,
-    pad_collate,
-    train_transforms,
+from tasks.data.sampling import (
+    DenseDataModule,
+    SampleSeeds,
+    SeededAugmentation,
+    attach_skipped,
+    global_seed,
+    load_skipping,
 )
-from tasks.data.synthetic import (  # VOC's class names and void label are defined once, there
+from tasks.data.segmentation_transforms import apply_transforms, eval_transforms, pad_collate, train_transforms
+from tasks.data.synthetic import (
+    SYNTHETIC_VOC_CLASS_NAMES,
     SYNTHETIC_VOC_ROOT,
-    VOC_CLASSES,
-    VOC_IGNORE_INDEX,
     may_write_synthetic,
     synthetic_hint,
 )
@@ -57,15 +62,6 @@ def find_voc2012(root: str | Path) -> Path:
     raise FileNotFoundError(
         f"{root}: no PASCAL VOC 2012 found (expected {root / 'VOCdevkit' / 'VOC2012' / 'JPEGImages'})"
     )
-
-
-def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
-    """A label PNG as ``uint8[H, W]`` class indices: the palette indices of a 'P' image, or an 'L' image.
-
-    Raises ``UnreadableSampleError`` (a ``ValueError``) naming the file for other modes, corrupt
-    files and, with ``num_classes``, labels outside ``0..num_classes - 1`` and 255.
-    """
-    return read_label_png(path, num_classes=num_classes, ignore_index=IGNORE_INDEX)
 
 
 def read_split(path: Path) -> list[str]:
@@ -90,7 +86,7 @@ def has_train_aug(voc: Path) -> bool:
     ).is_file()
 
 
-class VOCSegmentation(Dataset):
+class VOCSegmentation(SeededAugmentation, Dataset):
     """One split of VOC 2012 segmentation.
 
     Args:
@@ -99,16 +95,18 @@ class VOCSegmentation(Dataset):
             ``trainval``, or an SBD split such as ``train_aug`` (``*_aug`` splits read
             ``SegmentationClassAug``; the others ``SegmentationClass``).
         transform: an albumentations pipeline taking ``image`` and ``mask`` and returning tensors
-            (:mod:`tasks.data.segmentation_transforms`); None returns normalisation-free tensors.
+            (:mod:`tasks.data.segmentation_transforms`); None returns the files' pixels as they are.
         limit: use only the first ``limit`` ids (quick runs).
         num_classes: when given, masks with other labels (except 255) are refused, naming the file.
         skip_unreadable: leave out ids whose files are missing (warned once, here) and replace
             samples that cannot be read (corrupt or truncated, mask in the wrong mode, size or
             label range) by the next readable one, logging each. Off: missing files stop the
             run here, unreadable ones when first read, with the path and the problem.
-        seeds: per-sample augmentation seeds (see :mod:`tasks.data.sampling`).
+        seeds: per-sample augmentation seeds (see :mod:`tasks.data.sampling`). Without them (or
+            before an epoch is set) the pipeline follows torch's seed
+            (:class:`~tasks.data.sampling.SeededAugmentation`).
 
-    Items are ``{"image": Tensor[3, H, W] float, "mask": Tensor[H, W] int64, "image_id": str}``.
+    Items are ``{"image": uint8 Tensor[3, H, W], "mask": Tensor[H, W] int64, "image_id": str}``.
     """
 
     def __init__(
@@ -153,29 +151,23 @@ class VOCSegmentation(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Per-sample augmentation seeds from now on follow ``(seed, epoch, index)``."""
-        if self.seeds is not None:
-            self.seeds.set_epoch(epoch)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        seed = self.seeds(index) if self.seeds is not None else None
-        if seed is not None and self.transform is not None:
-            self.transform.set_random_seed(seed)
+        self.seed_transform(index)
         return load_skipping(index, len(self), self._load, skip=self.skip_unreadable)
 
     def _load(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image_path = self.voc / "JPEGImages" / f"{image_id}.jpg"
         mask_path = self.mask_dir / f"{image_id}.png"
-        image, mask = read_rgb(image_path), read_mask(mask_path, self.num_classes)
+        image = read_rgb(image_path)
+        mask = read_label_png(mask_path, num_classes=self.num_classes, ignore_index=IGNORE_INDEX)
         if image.shape[:2] != mask.shape:
             raise UnreadableSampleError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}"
             )
         if self.transform is None:
             return {
-                "image": torch.from_numpy(image).permute(2, 0, 1).float(),
+                "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
                 "mask": torch.from_numpy(mask).long(),
                 "image_id": image_id,
             }
@@ -188,62 +180,80 @@ def collate_segmentation(samples: Sequence[dict[str, Any]], *, ignore_index: int
     return attach_skipped(pad_collate(samples, ignore_index=ignore_index), samples)
 
 
-def seed_worker_transforms(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream.
+def voc_class_names(
+    num_classes: int, *, names: Sequence[str] | None = None, synthetic: bool = False
+) -> dict[int, str]:
+    """``{label: name}`` for every label ``0..num_classes - 1``, from the data.
 
-    Albumentations keeps its generator inside the pipeline, so forked workers would otherwise
-    replay identical augmentations; ``torch.initial_seed()`` differs per worker and derives from
-    the main process's seed (reproducible under ``seed_everything``).
+    ``names`` (a user's list, background first) when given; the synthetic generator's names for
+    its set (:data:`tasks.data.synthetic.SYNTHETIC_VOC_CLASS_NAMES`: five shapes in VOC's
+    label space); VOC's names at VOC's 21 classes; else ``class_<label>``. Labels a set does not
+    use are ``class_<label>`` too.
     """
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+    if names is not None:
+        return {label: str(name) for label, name in enumerate(names)}
+    known: dict[int, str] = {}
+    if synthetic:
+        known = SYNTHETIC_VOC_CLASS_NAMES
+    elif num_classes == len(VOC_CLASSES):
+        known = dict(enumerate(VOC_CLASSES))
+    return {label: known.get(label, f"class_{label}") for label in range(num_classes)}
 
 
-class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
-    """PASCAL VOC 2012 segmentation: augmented training crops, full-resolution validation.
+class VOCSegmentationDataModule(DenseDataModule):
+    """PASCAL VOC 2012 segmentation: augmented training crops, full-resolution evaluation.
 
-    Batches are ``{"images": Tensor[N, 3, H, W], "masks": Tensor[N, H, W] int64 (255 = ignore),
-    "image_sizes": list[(H, W)], "image_ids": list[str]}``. Validation images keep their size;
-    a batch of several is padded at the bottom/right to the largest (mean pixel / ignore label),
-    which the metric never counts. The default ``val_batch_size=1`` means no padding at all, so
-    the image-pooling branch averages the image only (TF DeepLab instead pads every image to
-    513x513; mmseg evaluates unpadded whole images as here).
+    Batches: see the module docs. Evaluation images keep their size; a batch of several is
+    padded at the bottom/right to the largest (mean pixel / ignore label), which the metric never
+    counts. The default ``eval_batch_size=1`` means no padding at all, so the image-pooling
+    branch averages the image only (TF DeepLab instead pads every image to 513x513; mmseg
+    evaluates unpadded whole images as here).
 
     Args:
         root: folder holding ``VOCdevkit/VOC2012``.
         train_split: ``"auto"`` (``train_aug`` when SBD's set is installed, else ``train``) or a
             split name.
-        val_split: the evaluation split (``val``: 1,449 images).
+        val_split: the validation split (``val``: 1,449 images).
+        test_split: the split ``test`` and the test loader use (``val``: VOC 2012's test labels
+            are not public).
         crop_size: training crop side (513).
         scale_range: random scale of training images (0.5-2.0).
         scale_step: scale grid (0.25 as TF DeepLab) or None for continuous scales.
-        hflip: random horizontal flips in training.
-        mean, std: normalisation (RGB, 0-1): ImageNet's, what the backbone's weights expect.
+        hflip_p: probability of a horizontal flip in training (0.5; 0 switches flips off).
         batch_size: training images per device and step.
-        val_batch_size: evaluation images per batch (1: no padding).
+        eval_batch_size: validation/test/predict images per batch (1: no padding; ``batch_size``
+            when None).
         num_workers: DataLoader workers.
-        train_limit, val_limit: use only the first N ids of a split (quick runs).
+        pin_memory: page-locked batches for fast host-to-GPU copies (ignored without CUDA).
+        persistent_workers: keep workers alive between epochs (no re-fork per validation).
+        prefetch_factor: batches each worker prepares ahead.
+        train_limit, val_limit: use only the first N ids of the training / evaluation splits
+            (quick runs).
         synthetic: the data is the project's synthetic VOC-format set
             (``tasks.data.synthetic.make_voc``: 300 train / 50 val images of five shapes; for
-            demos and CPU runs). When ``root`` is ``tasks.data.synthetic.SYNTHETIC_VOC_ROOT``
+            demos and CPU runs); its class names are the generator's (``circle`` at label 1,
+            ...). When ``root`` is ``tasks.data.synthetic.SYNTHETIC_VOC_ROOT``
             (``data/synthetic/voc``, the synthetic config's) and holds no VOC yet, the set is
             written there first. Any other ``root`` must exist: a mistyped ``--data.root`` stops
             with "not found" rather than training on a new set.
         write_synthetic: write the synthetic set into ``root`` when it holds no VOC, whatever
             ``root`` is (tests, demos, a scratch folder).
-        num_classes: classes in the masks, background included (21 for VOC); masks with other
-            labels are refused, naming the file. The model's ``num_classes`` must cover it.
+        num_classes: classes in the masks, background included; masks with other labels (255
+            aside) are refused, naming the file. None: ``len(class_names)`` when given, else
+            21 (VOC). The model's ``num_classes`` must cover it.
+        class_names: the name of every label, background first, for your own data in VOC's
+            layout (reports, drawings, exported metadata). None: VOC's names (the generator's
+            with ``synthetic``); see :func:`voc_class_names`.
         skip_unreadable: training leaves out ids whose files are missing and replaces unreadable
             samples by the next readable one instead of stopping; each is logged, and
             ``SkippedSamplesReport`` (added by ``tools/train.py``) logs the count per epoch as
-            ``train/skipped_samples``. Validation never skips (its mIoU must cover the split).
+            ``train/skipped_samples``. Evaluation never skips (its mIoU must cover the split).
 
     Training order and augmentation depend only on (``seed_everything``'s seed, epoch), so a
-    run resumed from an end-of-epoch checkpoint is the uninterrupted run. Under DDP validation
+    run resumed from an end-of-epoch checkpoint is the uninterrupted run. Under DDP evaluation
     images are split across ranks without the ``DistributedSampler``'s padding (no image is
     counted twice), and the confusion matrices are summed: mIoU equals one process's.
+    After ``setup``, :meth:`dataset_info` describes the data to the task.
     """
 
     def __init__(
@@ -252,35 +262,58 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
         *,
         train_split: str = "auto",
         val_split: str = "val",
+        test_split: str = "val",
         crop_size: int = 513,
         scale_range: tuple[float, float] = (0.5, 2.0),
         scale_step: float | None = 0.25,
-        hflip: bool = True,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        hflip_p: float = 0.5,
         batch_size: int = 8,
-        val_batch_size: int = 1,
+        eval_batch_size: int | None = 1,
         num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
         train_limit: int | None = None,
         val_limit: int | None = None,
         synthetic: bool = False,
         write_synthetic: bool = False,
-        num_classes: int = len(VOC_CLASSES),
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
+        if num_classes is None:
+            num_classes = len(class_names) if class_names is not None else len(VOC_CLASSES)
         if not 1 < num_classes < IGNORE_INDEX:
-            raise ValueError(f"num_classes must be in 2..{IGNORE_INDEX - 1}, got {num_classes}")
+            raise ValueError(f"data.num_classes must be in 2..{IGNORE_INDEX - 1}, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"data.class_names lists {len(class_names)} names but data.num_classes is {num_classes}; "
+                "name every label, background first"
+            )
         self.num_classes = num_classes
-        self.class_names = (
-            VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class_{i}" for i in range(num_classes))
-        )
-        self._init_resumable()
+        names = voc_class_names(num_classes, names=class_names, synthetic=synthetic)
+        self.class_names: tuple[str, ...] = tuple(names[label] for label in range(num_classes))
         self.ignore_index = IGNORE_INDEX
-        self.train_dataset: VOCSegmentation | None = None
-        self.val_dataset: VOCSegmentation | None = None
+        self.datasets: dict[str, VOCSegmentation] = {}
+
+    @property
+    def train_dataset(self) -> VOCSegmentation | None:
+        return self.datasets.get("train")
+
+    @property
+    def val_dataset(self) -> VOCSegmentation | None:
+        return self.datasets.get("val")
+
+    @property
+    def test_dataset(self) -> VOCSegmentation | None:
+        return self.datasets.get("test")
+
+    def dataset_info(self) -> DatasetInfo:
+        """The label space (class count and names; no input size: evaluation is at full resolution)."""
+        return DatasetInfo(num_classes=self.num_classes, class_names=dict(enumerate(self.class_names)))
 
     def prepare_data(self) -> None:
         """Write the synthetic set when allowed to (see ``synthetic``) and ``root`` has no VOC
@@ -310,23 +343,17 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
             return "train_aug" if has_train_aug(self.voc_folder()) else "train"
         return split
 
-    def setup(self, stage: str | None = None) -> None:
+    def _dataset(self, split: str) -> VOCSegmentation:
         hp = self.hparams
-        self.voc_folder()  # a missing root: one line, with the hint above
-        if stage in (None, "fit") and self.train_dataset is None:
+        if split == "train":
             transform = train_transforms(
                 hp.crop_size,
                 scale_range=hp.scale_range,
                 scale_step=hp.scale_step,
-                hflip=hp.hflip,
-                mean=hp.mean,
-                std=hp.std,
+                hflip_p=hp.hflip_p,
                 ignore_index=IGNORE_INDEX,
             )
-            # Seeded from torch so that seed_everything makes the in-process augmentations
-            # reproducible too (workers reseed in seed_worker_transforms).
-            transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
-            self.train_dataset = VOCSegmentation(
+            return VOCSegmentation(
                 self.root,
                 self.resolve_train_split(),
                 transform=transform,
@@ -335,58 +362,34 @@ class VOCSegmentationDataModule(ResumableTrainingData, LightningDataModule):
                 skip_unreadable=hp.skip_unreadable,
                 seeds=SampleSeeds(global_seed()),
             )
-        if stage in (None, "fit", "validate", "test", "predict") and self.val_dataset is None:
-            self.val_dataset = VOCSegmentation(
-                self.root,
-                hp.val_split,
-                transform=eval_transforms(mean=hp.mean, std=hp.std),
-                limit=hp.val_limit,
-                num_classes=self.num_classes,
-            )
-
-    def _loader(self, dataset: Dataset, batch_size: int, *, train: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = partial(
-            collate_segmentation, ignore_index=IGNORE_INDEX
-        )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=(
-                self.train_sampler(dataset) if train else self._eval_sampler(dataset)
-            ),
-            # Full batches only in training (BatchNorm), unless the set is smaller than one batch.
-            drop_last=train and len(dataset) >= batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-            worker_init_fn=seed_worker_transforms,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+        return VOCSegmentation(
+            self.root,
+            hp.val_split if split == "val" else hp.test_split,
+            transform=eval_transforms(),
+            limit=hp.val_limit,
+            num_classes=self.num_classes,
         )
 
-    def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
-        # Lightning's DistributedSampler pads the last ranks with repeated images, whose pixels
-        # the summed confusion matrix would count twice. Each rank takes a disjoint share instead
-        # (ranks may then run one batch fewer: validation has no per-step collectives).
-        trainer = self.trainer
-        if trainer is None or trainer.world_size <= 1:
-            return None
-        return UnrepeatedDistributedSampler(
-            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-        )
+    def setup(self, stage: str | None = None) -> None:
+        self.voc_folder()  # a missing root: one line, with the hint above
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
+        for split in stages[stage] if stage is not None else ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return self.loader(self.datasets[split], train=train, collate_fn=collate_segmentation)
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        return self._loader(self.train_dataset, self.hparams.batch_size, train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        return self._loader(self.val_dataset, self.hparams.val_batch_size, train=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader("val", train=False)

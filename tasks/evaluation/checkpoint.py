@@ -1,111 +1,247 @@
 """Evaluate a trained checkpoint on its dataset's validation split, writing the predictions too.
 
-Detection writes ``OUT/detections.json`` (COCO results format) and scores it with
-:mod:`tasks.evaluation.coco_files`; segmentation writes one palette PNG of predicted labels per
-image to ``OUT/labels/`` and scores them with :mod:`tasks.evaluation.label_files`. So
-``tools/test.py`` and the two standalone evaluators (``tools/eval_coco.py``,
-``tools/eval_miou.py``) always agree, and the files can be re-scored or inspected later. The
-dataset settings come from the checkpoint (what it was trained with); ``data_root`` points them
-at another copy of the data.
+What ``tools/test.py`` does, in three steps:
 
-Each function returns its numbers and the report to print, so the tools (``tools/test.py``,
-``tools/demo.py``) only print.
+1. rebuild the task and the DataModule the checkpoint was trained with (the data settings saved
+   in it; ``data_root`` points them at another copy of the data);
+2. run Lightning's validation loop (``Trainer.validate``): the task's own validation step and
+   metric, so the numbers are the ones ``tools/train.py validate --ckpt_path`` logs. Beside it,
+   :class:`PredictionFiles` passes every batch through the task's ``predict_step`` (the same
+   network outputs and post-processing the metric scores) and writes the predictions:
+   detection ``OUT/detections.json`` (COCO results format), segmentation one palette PNG of
+   predicted labels per image in ``OUT/labels/``;
+3. score the written predictions as the standalone evaluators do (``tools/eval_coco.py``:
+   COCOeval against the same ground truth; ``tools/eval_miou.py``: one confusion matrix against
+   the ground-truth masks) for the per-class tables, check they agree with the validation
+   loop, and write the numbers to ``OUT/metrics.json``.
+
+The functions return the numbers and the report to print, so the tools (``tools/test.py``,
+``tools/demo.py``) only print. Nothing here depends on the task's type: the task's public
+methods (``predict_step``, ``label_names``) and the DataModule's ``dataset_info()`` are enough.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterator
+import math
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.pytorch import LightningDataModule
+import numpy as np
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch import Tensor
+from tqdm import tqdm
 
 from tasks.checkpoints import load_task, read_checkpoint, recorded_class
-from tasks.detection import SSDLiteDetection
+from tasks.data.constants import VOC_IGNORE_INDEX
+from tasks.data.contract import DatasetInfo, DescribesData
 from tasks.drawing import label_png
 from tasks.evaluation import coco_files, label_files
-from tasks.evaluation.coco_map import COCOMeanAveragePrecision, coco_results
-from tasks.segmentation import DeepLabV3Segmentation
+from tasks.evaluation.coco_map import COCOMeanAveragePrecision, coco_results, evaluate_detections
+from tasks.evaluation.miou import MeanIoU
+
+METRICS_FILE = "metrics.json"
+# The validation loop logs float32 numbers; the files are scored in float64.
+AGREEMENT_TOLERANCE = 1e-5
 
 
-def load_datamodule(path: Path, **overrides: Any) -> LightningDataModule:
-    """The DataModule a checkpoint was trained with (its saved hyper-parameters), with overrides."""
+def load_datamodule(path: str | Path, **overrides: Any) -> LightningDataModule:
+    """The DataModule a checkpoint was trained with (its saved hyper-parameters), with overrides.
+
+    Overrides that are None, or that the DataModule does not take, are left out.
+
+    Raises:
+        ValueError, FileNotFoundError: naming the file: no data settings in the checkpoint, or
+            (without a ``root`` override) the data folder it names is gone.
+    """
+    path = Path(path)
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("datamodule_hyper_parameters")
     if not saved or "_class_path" not in saved:
         raise ValueError(f"{path}: the checkpoint records no data settings (was it written by tools/train.py?)")
     cls = recorded_class(path, saved, LightningDataModule)
-    return cls.load_from_checkpoint(path, weights_only=True, **{k: v for k, v in overrides.items() if v is not None})
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {key: value for key, value in overrides.items() if value is not None and key in accepted}
+    root = saved.get("root")
+    if "root" not in kwargs and root is not None and not Path(root).exists():
+        raise FileNotFoundError(
+            f"{root}: the data folder saved in {path} is not there; pass --data-root DIR to use a copy of the data"
+        )
+    return cls.load_from_checkpoint(path, weights_only=True, **kwargs)
 
 
-def batches(datamodule: LightningDataModule) -> Iterator[tuple[int, Any]]:
-    """Validation batches as the trainer would hand them to the task (after the transfer hook)."""
-    datamodule.setup("validate")
-    for index, batch in enumerate(datamodule.val_dataloader()):
-        yield index, datamodule.on_after_batch_transfer(batch, 0)
+class PredictionFiles(Callback):
+    """Writes the task's predictions of each validation batch while ``Trainer.validate`` runs.
+
+    The predictions are those the validation step scored (its return value; the task's
+    ``predict_step`` for a task whose validation step returns nothing):
+    per image a dict with ``boxes`` (absolute xyxy in the original image), ``scores`` and
+    ``labels`` (detection), or a label map ``Int64Tensor[H, W]`` of the unpadded image
+    (segmentation; a dict with ``labels`` is accepted too). Detections are collected and written
+    as ``out/detections.json`` when validation ends (labels to COCO category ids by the same
+    metric class validation uses: a label without a category id is dropped and reported, as
+    there); label maps are written as ``out/labels/<image id>.png`` as they come, and counted
+    against the batch's masks cropped to the image (pixels labelled 255, the data contract's
+    "no label", are ignored).
+
+    Args:
+        out: the folder to write into.
+        progress: show a progress bar over the batches (stderr).
+    """
+
+    def __init__(self, out: Path, *, progress: bool = True) -> None:
+        self.out = Path(out)
+        self.progress = progress
+        self.info: DatasetInfo | None = None
+        self.detections: COCOMeanAveragePrecision | None = None
+        self.confusion: MeanIoU | None = None
+        self.class_names: list[str] = []
+        self.label_maps: list[str] = []
+        self.results: list[dict[str, Any]] = []
+        self._bar: tqdm | None = None
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, DescribesData):
+            raise TypeError(f"{type(datamodule).__name__} has no dataset_info(): it cannot say how to write predictions")
+        self.info = datamodule.dataset_info()
+        self.class_names = list(pl_module.label_names())
+        total = sum(trainer.num_val_batches) if trainer.num_val_batches else None
+        total = int(total) if total is not None and math.isfinite(total) else None
+        self._bar = tqdm(total=total, desc="test", unit="batch", file=sys.stderr, disable=not self.progress)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Mapping[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # The validation step's own predictions (what the metric scored), as predict_step gives them.
+        predictions = outputs if outputs is not None else pl_module.predict_step(batch, batch_idx)
+        if predictions and isinstance(predictions[0], Mapping) and "boxes" in predictions[0]:
+            self._add_detections(batch, predictions)
+        else:
+            self._add_label_maps(batch, predictions)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _add_detections(self, batch: Mapping[str, Any], predictions: Sequence[Mapping[str, Tensor]]) -> None:
+        if self.detections is None:
+            assert self.info is not None
+            self.detections = COCOMeanAveragePrecision(label_to_category_id=self.info.label_to_category_id)
+        kept = [{key: prediction[key].cpu() for key in ("boxes", "scores", "labels")} for prediction in predictions]
+        self.detections.update(list(batch["image_ids"]), kept)
+
+    def _add_label_maps(self, batch: Mapping[str, Any], predictions: Sequence[Any]) -> None:
+        folder = self.out / "labels"
+        if self.confusion is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.confusion = MeanIoU(len(self.class_names), ignore_index=VOC_IGNORE_INDEX, class_names=self.class_names)
+        for image_id, prediction, mask in zip(batch["image_ids"], predictions, batch["masks"]):
+            labels = (prediction["labels"] if isinstance(prediction, Mapping) else prediction).cpu()
+            height, width = labels.shape
+            label_png(labels.numpy().astype(np.uint8)).save(folder / f"{image_id}.png")
+            self.confusion.update(labels, mask[:height, :width].cpu())
+            self.label_maps.append(str(image_id))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self.detections is not None:
+            self.results = coco_results(self.detections.results()[1])
+            (self.out / "detections.json").write_text(json.dumps(self.results))
+
+    def score(self, backend: str = "auto") -> tuple[dict[str, Any], str]:
+        """(metrics, report) of the written predictions, as the standalone evaluators give them.
+
+        Detection: COCOeval of ``detections.json`` against the validation ground truth
+        (``tools/eval_coco.py --json`` without its per-class list; the per-class AP is in the
+        report); segmentation: ``tools/eval_miou.py --json``'s mIoU, pixel accuracy and
+        per-class IoU.
+        """
+        if self.detections is not None:
+            assert self.info is not None
+            ground_truth = self.info.coco_ground_truth["val"]
+            summary = evaluate_detections(ground_truth, self.results, backend=backend)
+            names = {category["id"]: category["name"] for category in ground_truth.loadCats(ground_truth.getCatIds())}
+            report = coco_files.format_report(summary, names)
+            report += f"\n\nwrote {len(self.results)} detections to {self.out / 'detections.json'}"
+            return {key: value for key, value in summary.items() if key != "per_class"}, report
+        if self.confusion is None:
+            raise ValueError("the validation split is empty: nothing was predicted")
+        report = label_files.format_report(self.confusion, self.class_names)
+        report += f"\n\nwrote {len(self.label_maps)} label maps to {self.out / 'labels'}"
+        return label_files.as_json(self.confusion), report
 
 
-@torch.no_grad()
-def evaluate_detection(
-    task: SSDLiteDetection, datamodule: LightningDataModule, out: Path, backend: str
-) -> tuple[dict[str, Any], str]:
-    """Detections of the val split -> ``detections.json`` -> COCO mAP; (summary, report)."""
-    # Labels -> category ids and xyxy -> xywh by the metric validation uses: a label without a
-    # category id is dropped and reported there, as during training, never a KeyError here.
-    metric = COCOMeanAveragePrecision(label_to_category_id=datamodule.label_to_category_id, backend=backend)
-    for index, batch in batches(datamodule):
-        detections = task.predict_step(batch, index)
-        metric.update([detection["image_id"] for detection in detections], detections)
-    results = coco_results(metric.results()[1])
-    results_path = out / "detections.json"
-    results_path.write_text(json.dumps(results))
-    gt_path = Path(datamodule.root) / "annotations" / f"instances_{datamodule.splits['val']}.json"
-    summary = coco_files.evaluate_files(gt_path, results_path, backend)
-    names = {c["id"]: c["name"] for c in datamodule.categories}
-    report = coco_files.format_report(summary, names) + f"\n\nwrote {len(results)} detections to {results_path}"
-    return summary, report
-
-
-@torch.no_grad()
-def evaluate_segmentation(
-    task: DeepLabV3Segmentation, datamodule: LightningDataModule, out: Path
-) -> tuple[dict[str, Any], str]:
-    """Label maps of the val split -> palette PNGs -> mIoU; (numbers, report)."""
-    labels_dir = out / "labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    stems = []
-    for index, batch in batches(datamodule):
-        for image_id, labels in zip(batch["image_ids"], task.predict_step(batch, index)):
-            label_png(labels.numpy()).save(labels_dir / f"{image_id}.png")
-            stems.append(image_id)
-    dataset = datamodule.val_dataset
-    names = list(datamodule.class_names)
-    metric = label_files.evaluate_folders(
-        dataset.mask_dir, labels_dir, task.hparams.num_classes, datamodule.ignore_index, names, stems
-    )
-    report = label_files.format_report(metric, names) + f"\n\nwrote {len(stems)} label maps to {labels_dir}"
-    return label_files.as_json(metric), report
+def disagreements(metrics: Mapping[str, Any], validated: Mapping[str, float], stage: str = "val") -> list[str]:
+    """``"val/AP 0.1234 (files 0.1230)"`` for each number the validation loop logged differently
+    from the scores of the written files (beyond float32 rounding)."""
+    found = []
+    for key, value in metrics.items():
+        logged = validated.get(f"{stage}/{key}")
+        if isinstance(value, (int, float)) and logged is not None and abs(float(logged) - value) > AGREEMENT_TOLERANCE:
+            found.append(f"{stage}/{key} {float(logged):.4f} (files {value:.4f})")
+    return found
 
 
 def evaluate_checkpoint(
-    path: Path, out: Path, data_root: str | None = None, num_workers: int = 0, backend: str = "auto"
+    path: str | Path,
+    out: str | Path,
+    data_root: str | None = None,
+    num_workers: int = 0,
+    backend: str = "auto",
+    *,
+    accelerator: str = "cpu",
+    progress: bool = True,
 ) -> tuple[dict[str, Any], str]:
-    """(metrics, report) of a checkpoint of either task on its validation split, predictions in ``out``.
+    """(metrics, report) of a checkpoint of either task on its validation split; the predictions
+    and ``metrics.json`` (the metrics) are written into ``out``.
 
-    The metrics are those ``tools/eval_coco.py --json`` (per-class table aside) or
-    ``tools/eval_miou.py --json`` print. Raises ``ValueError`` / ``FileNotFoundError`` naming
-    the file for a checkpoint or dataset that cannot be used.
+    The metrics are those ``tools/eval_coco.py --json`` (per-class list aside) or
+    ``tools/eval_miou.py --json`` print for the written files, and equal what the validation loop
+    logs (a warning says so when they do not).
+
+    Raises:
+        ValueError, FileNotFoundError: naming the file, for a checkpoint or data that cannot be
+            used; a missing data file says to pass ``--data-root`` when none was given.
     """
-    task = load_task(path, (SSDLiteDetection, DeepLabV3Segmentation))
-    overrides: dict[str, Any] = {"root": data_root, "num_workers": num_workers}
-    if isinstance(task, SSDLiteDetection):
-        overrides["persistent_workers"] = num_workers > 0
-    datamodule = load_datamodule(path, **overrides)
+    path, out = Path(path), Path(out)
+    task = load_task(path)
+    datamodule = load_datamodule(path, root=data_root, num_workers=num_workers, persistent_workers=num_workers > 0)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(task, SSDLiteDetection):
-        summary, report = evaluate_detection(task, datamodule, out, backend)
-        # The same keys as eval_coco.py --json, per-class table aside.
-        return {key: value for key, value in summary.items() if key != "per_class"}, report
-    return evaluate_segmentation(task, datamodule, out)
+    writer = PredictionFiles(out, progress=progress)
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,  # PredictionFiles shows one on stderr: stdout stays the report
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
+    try:
+        (validated,) = trainer.validate(task, datamodule=datamodule, verbose=False)
+    except FileNotFoundError as error:
+        if data_root is not None:
+            raise
+        raise FileNotFoundError(f"{error}; if the data has moved, pass --data-root DIR") from error
+    metrics, report = writer.score(backend)
+    for line in disagreements(metrics, validated):
+        warnings.warn(f"{path}: the validation loop and the written predictions disagree: {line}", stacklevel=2)
+    shown = {key: value for key, value in validated.items() if key.removeprefix("val/") not in metrics}
+    headline = next((f"val/{key}" for key in metrics if f"val/{key}" in validated), None)
+    if headline is not None:
+        shown = {headline: validated[headline], **shown}
+    loop = ", ".join(f"{key} {float(value):.4f}" for key, value in shown.items())
+    metrics_path = out / METRICS_FILE
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    report += f"\nwrote the metrics to {metrics_path}\nvalidation loop (as tools/train.py validate logs it): {loop}"
+    return metrics, report

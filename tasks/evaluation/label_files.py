@@ -1,7 +1,8 @@
 """Folders of label PNGs scored against each other (mIoU), and the report people read.
 
 Files are matched by stem; both folders hold single-channel label maps (palette PNGs, whose
-*indices* are read, or 8/16-bit grey PNGs of class indices). :func:`evaluate_folders`
+*indices* are read, or 8-bit grey PNGs of class indices), read by the DataModule's reader
+(:func:`tasks.data.files.read_label_png`), so what trains and what is scored read alike. :func:`evaluate_folders`
 accumulates every pair into one :class:`~tasks.evaluation.miou.MeanIoU`; :func:`format_report`
 prints the per-class table. Used by ``tools/eval_miou.py`` and by
 :mod:`tasks.evaluation.checkpoint` (``tools/test.py``), so the two always agree.
@@ -15,25 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from tasks.data.files import read_label_png
 from tasks.evaluation.miou import MeanIoU
-
-LABEL_MODES = ("P", "L", "I;16", "I")
-
-
-def read_label_map(path: Path) -> np.ndarray:
-    """A label PNG as an int64 array of class indices; an error naming the file otherwise."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            labels = np.asarray(image, dtype=np.int64) if mode in LABEL_MODES else None
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read image ({error})") from error
-    if labels is None:
-        raise ValueError(f"{path}: mode {mode}, expected a label map (P or L) of class indices, not colours")
-    return labels
 
 
 def read_split_file(path: Path) -> list[str]:
@@ -79,7 +64,7 @@ def evaluate_folders(
     """Accumulate every pair into one :class:`MeanIoU` and return it (``.compute()`` for the numbers)."""
     metric = MeanIoU(num_classes, ignore_index=ignore_index, class_names=class_names)
     for gt_path, pred_path in match_files(gt_dir, pred_dir, stems):
-        target, prediction = read_label_map(gt_path), read_label_map(pred_path)
+        target, prediction = (read_label_png(path).astype(np.int64) for path in (gt_path, pred_path))
         if target.shape != prediction.shape:
             raise ValueError(f"{pred_path}: size {prediction.shape[::-1]} differs from {gt_path} {target.shape[::-1]}")
         for path, labels, allowed_ignore in ((gt_path, target, True), (pred_path, prediction, False)):
@@ -119,6 +104,6 @@ def as_json(metric: MeanIoU) -> dict[str, object]:
 
 def default_class_names(num_classes: int) -> list[str]:
     """VOC's names at VOC's 21 classes, the indices as text otherwise."""
-    from tasks.data.voc import VOC_CLASSES
+    from tasks.data.constants import VOC_CLASSES
 
     return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [str(i) for i in range(num_classes)]

@@ -1,0 +1,120 @@
+"""The benchmark's report: the machine line, the ours / torchvision ratios first, then one Markdown
+table per section, ready to paste into the README's "Speed" section unchanged."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.benchmarking.convergence import CURVE_KEYS
+from tasks.benchmarking.speed import AS_SHIPPED, FOLDED, PAIRS
+
+TIMINGS = ("network_b1", "eager_b1", "eager_b8", "compile_b1", "onnx_b1", "onnx_b8")
+
+
+def machine() -> str:
+    """CPU model, core count, torch and Python versions: printed beside every table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {python}"
+
+
+def _median(row: dict[str, Any] | None, key: str) -> float | None:
+    timing = (row or {}).get(key)
+    return timing["median_ms"] if timing and "error" not in timing else None
+
+
+def ratio_lines(models: list[dict[str, Any]]) -> list[str]:
+    """Ours / torchvision median latency per timed column, fair pairs first (torchvision with our
+    treatment), then torchvision as shipped. Ours are always folded; below 1, ours is faster."""
+    rows = {(r["model"], r.get("treatment", FOLDED)): r for r in models}
+    columns = [key for key in TIMINGS if any(_median(r, key) for r in models)]
+    lines = []
+    for treatment, label in ((FOLDED, "folded, channels-last (fair)"), (AS_SHIPPED, "as shipped")):
+        for ours, theirs in PAIRS:
+            mine, other = rows.get((ours, FOLDED)), rows.get((theirs, treatment))
+            if mine is None or other is None:
+                continue
+            cells = []
+            for key in columns:
+                a, b = _median(mine, key), _median(other, key)
+                cells.append(f"{a / b:.2f}" if a and b else "-")
+            lines.append(f"| {ours} / {theirs} | {label} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    header = "| ours / torchvision, median latency | torchvision's treatment | " + " | ".join(columns) + " |"
+    return [
+        "Ours / torchvision (median latency; below 1, ours is faster). Ours: BatchNorm folded, channels-last;",
+        "fair rows give torchvision's model the same treatment (tasks.deploy.optimize_for_inference).",
+        "",
+        header,
+        "|" + "---|" * (len(columns) + 2),
+        *lines,
+        "",
+    ]
+
+
+def model_lines(models: list[dict[str, Any]]) -> list[str]:
+    """One row per (model, treatment): counts, latencies (median and IQR) and throughputs."""
+    backends = [b for b in ("eager", "compile", "onnx") if any(f"{b}_b1" in r for r in models)]
+    compiled = any("compile_graphs" in r for r in models)
+    header = "| model | treatment | input | params | mult-adds | network alone b1 ms | " + " | ".join(
+        f"{b} b1 ms (IQR) | {b} b8 img/s" for b in backends
+    ) + (" | compiled graphs" if compiled else "") + " | peak RSS MB |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in models:
+        cells = [r["model"], r.get("treatment", FOLDED), str(r["input"])]
+        cells += [f"{r['params'] / 1e6:.2f}M", f"{r['madds'] / 1e9:.2f}B"]
+        cells.append(f"{r['network_b1']['median_ms']:.1f}" if "network_b1" in r else "-")
+        for b in backends:
+            b1, b8 = r.get(f"{b}_b1"), r.get(f"{b}_b8")
+            spread = "-" if not b1 or "error" in b1 else f"{b1['median_ms']:.1f} ({b1['q25_ms']:.1f}-{b1['q75_ms']:.1f})"
+            cells.append(spread)
+            cells.append("-" if not b8 or "error" in b8 else f"{b8['images_per_s']:.1f}")
+        if compiled:
+            cells.append(str(r.get("compile_graphs", "-")))
+        cells.append(f"{r['peak_rss_mb']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [
+        f"- {r['model']} ({r.get('treatment', FOLDED)}) {key}: {r[key]['error']}"
+        for r in models
+        for key in TIMINGS
+        if "error" in r.get(key, {})
+    ]
+    return [*lines, *([""] + errors if errors else []), ""]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown: the machine line, the ratios, then the models, train/data, eval and convergence tables."""
+    lines = [f"Machine: {report['machine']}; {report['threads']} threads.", ""]
+    if report.get("models"):
+        lines += ratio_lines(report["models"]) + model_lines(report["models"])
+    if report.get("train") or report.get("data"):
+        lines += ["| task | what | batch | workers | img/s |", "|---|---|---|---|---|"]
+        for name in ("train", "data"):
+            for r in report.get(name, []):
+                what = "training step (data included)" if name == "train" else "data pipeline alone"
+                lines.append(f"| {r['task']} | {what} | {r['batch']} | {r['workers']} | {r['images_per_s']:.1f} |")
+        lines.append("")
+    if report.get("eval"):
+        lines += ["| evaluation | seconds |", "|---|---|"]
+        lines += [f"| {r['what']} | {r['seconds']:.2f} |" for r in report["eval"]]
+        lines.append("")
+    if report.get("convergence"):
+        run = report["convergence"]
+        names = [n for n in CURVE_KEYS.values() if any(n in point for point in run["curve"])]
+        lines += [f"{run['config']} from scratch, {run['seconds'] / 60:.1f} min:", ""]
+        lines += ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {p['step']} | " + " | ".join(f"{p[n]:.3f}" for n in names) + " |" for p in run["curve"]]
+    return "\n".join(lines)

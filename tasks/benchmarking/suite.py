@@ -1,0 +1,80 @@
+"""The benchmark's sections run in order into one report (a JSON-ready dict)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.benchmarking.training_speed import ROOT, SYNTHETIC_CONFIGS
+
+SECTIONS = ("models", "train", "data", "eval")  # the default run
+ON_REQUEST = ("convergence",)  # about 10 minutes: only when asked for
+
+
+@dataclass
+class Options:
+    """How much to measure; the defaults are ``tools/benchmark.py``'s."""
+
+    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    runs: int = 30  # timed runs per latency
+    warmup: int = 5
+    compile: bool = False
+    onnx: bool = False
+    steps: int = 20  # train and data sections
+    batch_size: int | None = None  # train and data: the synthetic configs' unless given
+    workers: int | None = None
+    data: Path = ROOT / "data" / "benchmark"
+    convergence_config: Path = SYNTHETIC_CONFIGS["detection"]
+    convergence_data: Path | None = None
+    convergence_out: Path = ROOT / "runs" / "benchmark_convergence"
+
+
+def check_sections(sections: Sequence[str]) -> None:
+    """Raise a one-line ValueError for a section name the benchmark does not have."""
+    unknown = sorted(set(sections) - set(SECTIONS + ON_REQUEST))
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; choose from {','.join(SECTIONS + ON_REQUEST)}")
+
+
+def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``sections`` (of :data:`SECTIONS` and :data:`ON_REQUEST`) and return the report."""
+    from tasks.benchmarking.report import machine
+
+    check_sections(sections)
+    torch.set_num_threads(options.threads)
+    report: dict[str, Any] = {"machine": machine(), "threads": options.threads}
+    if "models" in sections:
+        from tasks.benchmarking.speed import ROWS, run_models
+
+        log("models:")
+        report["models"] = run_models(
+            ROWS, options.runs, options.warmup, options.threads, options.compile, options.onnx, log=log
+        )
+    if "train" in sections or "data" in sections:
+        from tasks.benchmarking.training_speed import bench_data, bench_train, synthetic_root
+
+        root = synthetic_root(options.data)
+        for section, bench in (("data", bench_data), ("train", bench_train)):
+            if section in sections:
+                log(f"{section}:")
+                report[section] = [
+                    bench(task, root, options.batch_size, options.workers, options.steps) for task in SYNTHETIC_CONFIGS
+                ]
+    if "eval" in sections:
+        from tasks.benchmarking.evaluation_speed import bench_eval
+
+        log("eval:")
+        report["eval"] = bench_eval()
+    if "convergence" in sections:
+        from tasks.benchmarking.convergence import bench_convergence
+
+        log(f"convergence: training {options.convergence_config} ...")
+        report["convergence"] = bench_convergence(
+            options.convergence_config, options.convergence_data, options.convergence_out
+        )
+    return report
