@@ -10,6 +10,7 @@ learning-rate factor, stepped every optimiser step.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,7 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class OptimizerRecipe(Buildable):
+class OptimizerRecipe(Buildable, ABC):
     """Base of the optimiser recipes: ``lr`` (for ``lr_reference_batch`` images, see
     :mod:`tasks.lr_scaling`) and ``weight_decay`` (on weights only)."""
 
@@ -35,9 +36,9 @@ class OptimizerRecipe(Buildable):
         self.lr = lr
         self.weight_decay = weight_decay
 
+    @abstractmethod
     def build(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
         """The optimiser over ``module``'s parameter groups at learning rate ``lr`` (already scaled)."""
-        raise NotImplementedError
 
     def groups(self, module: nn.Module) -> list[dict]:
         return parameter_groups(module, self.weight_decay)
@@ -87,11 +88,12 @@ class AdamW(OptimizerRecipe):
         return torch.optim.AdamW(self.groups(module), lr=lr)
 
 
-class Schedule(Buildable):
+class Schedule(Buildable, ABC):
     """A learning-rate factor per optimiser step, given the run's total steps."""
 
+    @abstractmethod
     def __call__(self, step: int, total_steps: int) -> float:
-        raise NotImplementedError
+        """The factor by which the recipe's lr is multiplied at optimiser step ``step``."""
 
     @property
     def needs_total_steps(self) -> bool:

@@ -10,6 +10,7 @@ Subclasses implement the steps that differ: the loss, one evaluation step, and i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ def built(value: Any, expected: type, name: str) -> Any:
     return build(value, expected, source=f"saved {name}") if isinstance(value, Mapping) else value
 
 
-class DenseTask(LightningModule):
+class DenseTask(LightningModule, ABC):
     """A network plus its training recipe.
 
     Args:
@@ -128,26 +129,26 @@ class DenseTask(LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ subclass contract
+    @abstractmethod
     def make_metric(self) -> Metric:
         """A fresh evaluation metric (one per stage)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluation_step(self, batch: Mapping[str, Any], metric: Metric, stage: str) -> list[Any]:
         """Update ``metric`` with one batch (and log the ``{stage}/loss`` if it has one); return
         the batch's predictions as :meth:`predict_step` gives them (callbacks such as
         ``tools/test.py``'s prediction files reuse them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def log_metric(self, metric: Metric, stage: str) -> None:
         """Log ``metric.compute()`` under ``{stage}/...``."""
-        raise NotImplementedError
 
     def check_data(self, info: DatasetInfo, stage: str) -> None:
         """Refuse data the network cannot learn (e.g. more labels than logits); adapt to it."""
 
+    @abstractmethod
     def predict_images(self, images: Sequence[np.ndarray], *, max_size: int | None = None) -> list[dict[str, Any]]:
         """Predictions on RGB ``uint8[H, W, 3]`` arrays through validation's own steps."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ network
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -279,8 +279,8 @@ class COCODetectionDataModule(DenseDataModule):
     Args:
         root: folder holding ``<split>/`` image folders and ``annotations/instances_<split>.json``.
         image_size: side of the square network input (SSD's fixed-shape resize): 300 or 320.
-            None: the network's ``image_size`` (``tools/train.py`` copies it from
-            ``model.init_args.network``), 320 for a DataModule used alone.
+            None in a config: the network's ``image_size`` (``tools/train.py`` copies it from
+            ``model.init_args.network``); required when the DataModule is built in Python.
         batch_size: training images per batch (per device under DDP).
         eval_batch_size: validation/test/predict batch size (``batch_size`` when None).
         num_workers: loader processes; decoding and augmentation run there.
@@ -349,7 +349,12 @@ class COCODetectionDataModule(DenseDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.image_size = image_size if image_size is not None else 320
+        if image_size is None:
+            raise ValueError(
+                "COCODetectionDataModule needs image_size, the network's input side (tools/train.py "
+                "copies it from model.init_args.network.init_args.image_size)"
+            )
+        self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -275,7 +276,7 @@ class SkipCounter:
         return count
 
 
-class DenseDataModule(LightningDataModule):
+class DenseDataModule(LightningDataModule, ABC):
     """What both DataModules share: loaders built one way from the same options, the training
     sampler and its position in checkpoints, DDP-safe evaluation sampling, skip counting.
 
@@ -293,9 +294,9 @@ class DenseDataModule(LightningDataModule):
         self._start_epoch = 0
         self._start_skip = 0
 
+    @abstractmethod
     def dataset_info(self) -> DatasetInfo:
         """What the task needs to know about the data (after ``setup``; see :mod:`tasks.data.contract`)."""
-        raise NotImplementedError
 
     @property
     def eval_batch_size(self) -> int:
