@@ -33,11 +33,12 @@ class Buildable:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         instance = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind(instance, *args, **kwargs)
         bound.apply_defaults()
         recorded: dict[str, Any] = {}
         for name, value in list(bound.arguments.items())[1:]:  # without self
-            kind = inspect.signature(cls.__init__).parameters[name].kind
+            kind = signature.parameters[name].kind
             if kind is inspect.Parameter.VAR_KEYWORD:
                 recorded.update(value)
             elif kind is not inspect.Parameter.VAR_POSITIONAL:

@@ -125,7 +125,8 @@ class CLI(LightningCLI):
 def link_image_size(config: Any) -> None:
     """The network's ``image_size`` is the data's unless the data names its own: one place to
     set the input side (``--model.network.image_size 300`` resizes the data too)."""
-    network = _init_args(_init_args(config.get("model")).get("network") if _init_args(config.get("model")) else None)
+    model = _init_args(config.get("model"))
+    network = _init_args(model.get("network")) if model else None
     data = _init_args(config.get("data"))
     if not network or not data or "image_size" not in data or "image_size" not in network:
         return
