@@ -43,6 +43,7 @@ from heads.anchors import (
 )
 
 LossType = Literal["hard_negative_mining", "focal"]
+LossNormalization = Literal["batch", "image"]
 # BatchNorm of the extra layers and predictors: torchvision's SSDLite (eps 1e-3, momentum 0.03;
 # the TF configs use eps 1e-3 and decay 0.9997). The backbone keeps PyTorch's defaults.
 HEAD_BN_EPS = 1e-3
@@ -109,12 +110,17 @@ class SSDLiteHead(nn.Module):
         default_boxes: scales and aspect ratios of the default boxes (TF's SSD defaults).
         box_coder_weights: ``(wx, wy, ww, wh)`` of the box coder.
         iou_threshold: IoU at which an anchor becomes positive for a ground-truth box.
+        force_match: every ground-truth box also takes the anchor it overlaps most, whatever the
+            IoU (TF's ``force_match_for_each_row``, torchvision's ``SSDMatcher``).
         loss_type: ``"hard_negative_mining"`` (softmax cross-entropy over the positives and the
             hardest ``neg_pos_ratio`` negatives per positive, SSD section 2.2) or ``"focal"``
             (sigmoid focal loss over all anchors, RetinaNet).
         neg_pos_ratio: negatives kept per positive by hard negative mining (3 in SSD).
         min_negatives_per_image: negatives kept even in an image without objects (TF: 3), so
-            empty images still teach the background.
+            empty images still teach the background (torchvision: 0).
+        loss_normalization: ``"batch"`` divides both losses by the positives of the whole batch
+            (SSD, TF's ``normalize_loss_by_num_matches``, torchvision); ``"image"`` divides each
+            image's losses by its own positives and averages over the images.
         focal_alpha, focal_gamma: focal loss parameters.
         score_threshold: detections must score above it (>= 0, so masked labels, scored 0,
             never pass).
@@ -134,9 +140,11 @@ class SSDLiteHead(nn.Module):
         default_boxes: DefaultBoxes = DefaultBoxes(),
         box_coder_weights: Sequence[float] = BOX_CODER_WEIGHTS,
         iou_threshold: float = 0.5,
+        force_match: bool = True,
         loss_type: LossType = "hard_negative_mining",
         neg_pos_ratio: float = 3.0,
         min_negatives_per_image: int = 3,
+        loss_normalization: LossNormalization = "batch",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         score_threshold: float = 0.001,
@@ -155,6 +163,8 @@ class SSDLiteHead(nn.Module):
             )
         if loss_type not in ("hard_negative_mining", "focal"):
             raise ValueError(f"loss_type must be 'hard_negative_mining' or 'focal', got {loss_type!r}")
+        if loss_normalization not in ("batch", "image"):
+            raise ValueError(f"loss_normalization must be 'batch' or 'image', got {loss_normalization!r}")
         if len(box_coder_weights) != 4:
             raise ValueError(f"box_coder_weights needs 4 values, got {list(box_coder_weights)}")
         if score_threshold < 0:
@@ -163,6 +173,8 @@ class SSDLiteHead(nn.Module):
         self.in_features = tuple(in_features)
         self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
         self.iou_threshold = iou_threshold
+        self.force_match = force_match
+        self.loss_normalization = loss_normalization
         self.loss_type = loss_type
         self.neg_pos_ratio = neg_pos_ratio
         self.min_negatives_per_image = min_negatives_per_image
@@ -302,6 +314,7 @@ class SSDLiteHead(nn.Module):
                 gt_boxes,
                 anchors,
                 iou_threshold=self.iou_threshold,
+                force_match=self.force_match,
                 crowd_boxes=target["crowd_boxes"].to(anchors) if "crowd_boxes" in target else None,
             )
             matched = matches >= 0
@@ -321,7 +334,8 @@ class SSDLiteHead(nn.Module):
         targets: Sequence[Mapping[str, Tensor]],
         image_size: tuple[int, int],
     ) -> dict[str, Tensor]:
-        """Classification and localisation losses, each normalised by the number of positives.
+        """Classification and localisation losses, each normalised by the number of positives
+        (of the batch, or of each image: ``loss_normalization``).
 
         Targets are in the frame :meth:`postprocess` answers in: absolute pixels.
 
@@ -343,14 +357,12 @@ class SSDLiteHead(nn.Module):
         anchors = outputs["anchors"].float()
         labels, gt_boxes, ignore = self.match(outputs, normalised_targets(targets, image_size))
         positive = labels > 0
-        num_positive = positive.sum()
-        normaliser = num_positive.clamp(min=1).to(cls_logits.dtype)
 
         # Every anchor is encoded and the unmatched ones masked out, rather than selecting the
         # positives by boolean indexing: the same sum without a host-device sync on a GPU.
         box_targets = encode_boxes(gt_boxes, anchors.expand_as(gt_boxes), self.box_coder_weights)
         per_anchor_box = F.smooth_l1_loss(deltas, box_targets, beta=1.0, reduction="none").sum(dim=-1)
-        loss_box = per_anchor_box.masked_fill(~positive, 0.0).sum() / normaliser
+        loss_box = self._normalised_sum(per_anchor_box.masked_fill(~positive, 0.0), positive)
 
         if self.loss_type == "focal":
             one_hot = F.one_hot(labels, self.num_classes)[..., 1:].to(cls_logits.dtype)
@@ -358,17 +370,25 @@ class SSDLiteHead(nn.Module):
                 cls_logits[..., 1:], one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
             )
             per_anchor = per_class.masked_fill(~self.valid_labels[1:], 0.0).sum(dim=-1)
-            loss_cls = per_anchor.masked_fill(ignore, 0.0).sum() / normaliser
+            loss_cls = self._normalised_sum(per_anchor.masked_fill(ignore, 0.0), positive)
         else:
             # Softmax over the valid classes only: the others' logits become -inf (probability 0).
             cls_logits = cls_logits.masked_fill(~self.valid_labels, -math.inf)
-            loss_cls = self._hard_negative_mining_loss(cls_logits, labels, positive, ignore) / normaliser
+            loss_cls = self._normalised_sum(self._hard_negative_mining_loss(cls_logits, labels, positive, ignore), positive)
         return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    def _normalised_sum(self, per_anchor: Tensor, positive: Tensor) -> Tensor:
+        """Sum of ``per_anchor`` [N, A] over the positives of the batch, or the mean over images
+        of each image's sum over its own positives (``loss_normalization``); at least 1 positive."""
+        if self.loss_normalization == "batch":
+            return per_anchor.sum() / positive.sum().clamp(min=1).to(per_anchor.dtype)
+        return (per_anchor.sum(dim=1) / positive.sum(dim=1).clamp(min=1).to(per_anchor.dtype)).mean()
 
     def _hard_negative_mining_loss(
         self, cls_logits: Tensor, labels: Tensor, positive: Tensor, ignore: Tensor
     ) -> Tensor:
-        """Summed cross-entropy of positives and of the hardest negatives of each image (SSD 2.2)."""
+        """Per-anchor cross-entropy of positives and of the hardest negatives of each image (SSD 2.2),
+        zero elsewhere: Tensor[N, A]."""
         batch, num_anchors, num_classes = cls_logits.shape
         cross_entropy = F.cross_entropy(
             cls_logits.reshape(-1, num_classes), labels.reshape(-1), reduction="none"
@@ -382,7 +402,7 @@ class SSDLiteHead(nn.Module):
         order = negative_loss.argsort(dim=1, descending=True)
         rank = order.argsort(dim=1)
         negative = rank < num_negative[:, None]
-        return cross_entropy.masked_fill(~(positive | negative), 0.0).sum()
+        return cross_entropy.masked_fill(~(positive | negative), 0.0)
 
     # ------------------------------------------------------------------ inference
     def scores(self, cls_logits: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from tasks.data.contract import DatasetInfo
 from tasks.data.detection_transforms import detection_eval_transform
 from tasks.evaluation.coco_map import SUMMARY_KEYS, Backend, COCOMeanAveragePrecision
 from tasks.networks.detector import SSDLite
+from tasks.networks.torchvision_detectors import TorchvisionSSDLite
 from tasks.optimization import SGD, WarmupCosine
 from tasks.training import DenseTask
 
@@ -68,7 +69,12 @@ class SSDLiteDetection(DenseTask):
     default_lr_schedule = WarmupCosine(warmup_steps=1000, warmup_factor=0.001)
 
     def __init__(
-        self, network: SSDLite, *, box_loss_weight: float = 1.0, eval_backend: Backend = "auto", **training: Any
+        self,
+        network: SSDLite | TorchvisionSSDLite,
+        *,
+        box_loss_weight: float = 1.0,
+        eval_backend: Backend = "auto",
+        **training: Any,
     ) -> None:
         self.eval_backend = eval_backend
         super().__init__(network, **training)
@@ -81,13 +87,12 @@ class SSDLiteDetection(DenseTask):
         return num_classes_advice(info.num_classes, self.num_classes, info.label_to_category_id)
 
     def check_data(self, info: DatasetInfo, stage: str) -> None:
-        head = self.network.head
         if info.label_to_category_id and stage in ("fit", "validate", "test"):
             # Label slots without a category (the 10 unused COCO ids with 91 logits) are masked
             # out of the loss and the scores: the detector never emits a label it cannot name.
             # A checkpoint restored after setup brings the same mask (it is a buffer).
-            head.set_valid_labels(info.label_to_category_id)
-            unused = (~head.valid_labels[1:]).nonzero().flatten().add(1).tolist()
+            self.network.set_valid_labels(info.label_to_category_id)
+            unused = (~self.network.valid_labels[1:]).nonzero().flatten().add(1).tolist()
             if unused:
                 rank_zero_info(
                     f"{len(unused)} of {self.num_classes - 1} label slots have no category and are masked out: {unused}"
@@ -144,21 +149,26 @@ class SSDLiteDetection(DenseTask):
         detections = self.network.postprocess(self.network(batch["images"]), batch["image_sizes"])
         return [{"image_id": image_id, **detection} for image_id, detection in zip(batch["image_ids"], detections)]
 
+    def network_input(self, image: np.ndarray, *, max_size: int | None = None) -> Tensor:
+        """What validation feeds the network for an RGB ``uint8[H, W, 3]`` array: ``uint8[3, S, S]``
+        after ``detection_eval_transform`` (the fixed SSD resize to the network's ``image_size``).
+        ``max_size`` is unused: the input is resized anyway."""
+        no_boxes = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "is_crowd": []}
+        resized = detection_eval_transform(self.network.image_size)(image=image, **no_boxes)["image"]
+        return torch.from_numpy(resized.transpose(2, 0, 1).copy())
+
     @torch.no_grad()
     def predict_images(self, images: Sequence[np.ndarray], *, max_size: int | None = None) -> list[dict[str, Any]]:
         """Detections on RGB ``uint8[H, W, 3]`` arrays through validation's own steps.
 
-        The validation transform (``detection_eval_transform``: the fixed SSD resize to the
-        network's ``image_size``) and :meth:`predict_step`, so a picture from
+        :meth:`network_input` (the validation transform) and :meth:`predict_step`, so a picture from
         ``tools/predict.py`` shows what validation scored. ``max_size`` is unused: the input is
         resized anyway.
 
         Returns:
             Per image ``boxes`` (FloatTensor[D, 4] absolute xyxy in the image), ``scores``, ``labels``.
         """
-        transform = detection_eval_transform(self.network.image_size)
-        no_boxes = {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": [], "is_crowd": []}
-        inputs = [torch.from_numpy(transform(image=image, **no_boxes)["image"].transpose(2, 0, 1).copy()) for image in images]
+        inputs = [self.network_input(image) for image in images]
         batch = {
             "images": torch.stack(inputs).to(self.device),
             "image_sizes": torch.tensor([image.shape[:2] for image in images], dtype=torch.int64),

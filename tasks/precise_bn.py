@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -125,31 +125,56 @@ class PreciseBatchNorm(Callback):
             rank_zero_info(f"precise BatchNorm: statistics re-estimated on {count} training batches")
 
     def _estimate(self, trainer: Trainer, pl_module: LightningModule, loader: DataLoader) -> int:
-        dataset: Dataset = loader.dataset
         seed = derived_seed(global_seed() or 0, trainer.global_step)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        share = order[: self.num_images][trainer.global_rank :: trainer.world_size].tolist()
-        if not share:
-            return 0
-        images_loader = DataLoader(
-            Subset(dataset, share),
-            batch_size=self.batch_size or loader.batch_size or 1,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            worker_init_fn=loader.worker_init_fn,
-        )
-        datamodule = trainer.datamodule
+        return reestimate_from_loader(
+            pl_module, loader, num_images=self.num_images, batch_size=self.batch_size, seed=seed,
+            datamodule=trainer.datamodule, rank=trainer.global_rank, world_size=trainer.world_size,
+        )  # fmt: skip
 
-        def images() -> Iterator[torch.Tensor]:
-            for batch in images_loader:
-                if isinstance(batch, dict):
-                    batch = {key: value for key, value in batch.items() if key != SKIPPED_KEY}
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                if datamodule is not None:
-                    batch = datamodule.on_after_batch_transfer(batch, 0)
-                yield batch["images"]
 
-        return update_bn_stats(pl_module, images())
+def reestimate_from_loader(
+    pl_module: LightningModule,
+    loader: DataLoader,
+    *,
+    num_images: int,
+    seed: int,
+    batch_size: int | None = None,
+    datamodule: LightningDataModule | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """Re-estimate ``pl_module``'s training BatchNorms on ``num_images`` images of ``loader``'s dataset.
+
+    The images are ``loader``'s dataset at a permutation drawn from ``seed`` (with its
+    augmentation), read by a loader of their own, so ``loader``'s position is untouched; each of
+    ``world_size`` ranks reads its share. ``pl_module`` must be in training mode.
+
+    Returns:
+        The number of batches used.
+    """
+    dataset: Dataset = loader.dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    share = order[:num_images][rank::world_size].tolist()
+    if not share:
+        return 0
+    images_loader = DataLoader(
+        Subset(dataset, share),
+        batch_size=batch_size or loader.batch_size or 1,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        worker_init_fn=loader.worker_init_fn,
+    )
+
+    def images() -> Iterator[torch.Tensor]:
+        for batch in images_loader:
+            if isinstance(batch, dict):
+                batch = {key: value for key, value in batch.items() if key != SKIPPED_KEY}
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            if datamodule is not None:
+                batch = datamodule.on_after_batch_transfer(batch, 0)
+            yield batch["images"]
+
+    return update_bn_stats(pl_module, images())
 
 
 def average_over_ranks(trainer: Trainer, layers: list[_BatchNorm]) -> None:

@@ -430,3 +430,38 @@ def test_head_batchnorm_is_torchvisions_and_the_backbone_keeps_its_own() -> None
     assert len(head_bns) == 4 * 3 + 2 * 6  # extra layers 4 x 3, predictors (cls, box) x 6 maps
     assert all((bn.eps, bn.momentum) == (1e-3, 0.03) for bn in head_bns)
     assert backbone_bns and all((bn.eps, bn.momentum) == (1e-5, 0.1) for bn in backbone_bns)
+
+
+@pytest.mark.parametrize("loss_type", ["hard_negative_mining", "focal"])
+def test_per_image_normalisation_averages_each_images_own_normalised_loss(loss_type: str) -> None:
+    anchors = _grid_anchors()
+    outputs = _outputs(2, anchors)
+    targets = [
+        {"boxes": anchors[[0, 55, 70]] * TO_PIXELS, "labels": torch.tensor([1, 3, 2])},  # 3 positives
+        {"boxes": anchors[[99]] * TO_PIXELS, "labels": torch.tensor([2])},  # 1 positive
+    ]
+    per_image = _head(loss_type=loss_type, loss_normalization="image").loss(outputs, targets, IMAGE)
+    batch_head = _head(loss_type=loss_type)  # per batch: one image alone is normalised by its own positives
+    alone = [
+        batch_head.loss({k: v[i : i + 1] if k != "anchors" else v for k, v in outputs.items()}, [t], IMAGE)
+        for i, t in enumerate(targets)
+    ]
+    for key in ("loss_cls", "loss_box"):
+        torch.testing.assert_close(per_image[key], (alone[0][key] + alone[1][key]) / 2)
+    whole_batch = batch_head.loss(outputs, targets, IMAGE)  # 4 positives in the batch: different weights
+    assert not torch.allclose(whole_batch["loss_box"], per_image["loss_box"])
+    with pytest.raises(ValueError, match="loss_normalization must be 'batch' or 'image'"):
+        _head(loss_normalization="anchor")
+
+
+def test_force_match_gives_a_box_below_the_iou_threshold_its_best_anchor() -> None:
+    anchors = _grid_anchors()
+    outputs = _outputs(1, anchors)
+    # A quarter of anchor 33 (IoU 0.25 with it, 0 with the others): only forcing gives it a positive.
+    box = anchors[[33]].clone()
+    box[:, 2:] = (box[:, :2] + box[:, 2:]) / 2
+    targets = normalised_targets([{"boxes": box * TO_PIXELS, "labels": torch.tensor([4])}], IMAGE)
+    forced, _, _ = _head().match(outputs, targets)
+    assert forced[0].nonzero().flatten().tolist() == [33] and forced[0, 33].item() == 4
+    unforced, _, _ = _head(force_match=False).match(outputs, targets)
+    assert not unforced.any()

@@ -8,14 +8,18 @@ predictions out; each owns its loss and post-processing.
 from tasks.networks.detector import SSDLite, SSDLiteMobileNetV2
 from tasks.networks.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from tasks.networks.segmenter import DeepLabV3MobileNetV2, Segmenter, segment_probs
+from tasks.networks.torchvision_detectors import MobileNetV3LargeFeatures, SSDLiteMobileNetV3, TorchvisionSSDLite
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DeepLabV3MobileNetV2",
+    "MobileNetV3LargeFeatures",
     "Normalize",
     "SSDLite",
     "SSDLiteMobileNetV2",
+    "SSDLiteMobileNetV3",
     "Segmenter",
+    "TorchvisionSSDLite",
     "segment_probs",
 ]

@@ -12,8 +12,8 @@ No Lightning here: export, benchmark and a user's own loop import this module al
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,15 @@ class SSDLite(nn.Module):
         """Logits per anchor, background included."""
         return self.head.num_classes
 
+    @property
+    def valid_labels(self) -> Tensor:
+        """BoolTensor[num_classes]: which logits are classes (see :meth:`set_valid_labels`)."""
+        return self.head.valid_labels
+
+    def set_valid_labels(self, labels: Iterable[int]) -> None:
+        """Keep only ``labels`` (and the background) as classes: the head's :meth:`~heads.ssdlite.SSDLiteHead.set_valid_labels`."""
+        self.head.set_valid_labels(labels)
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images``: ``[N, 3, H, W]`` RGB, uint8 or float in 0..255. Returns ``cls_logits``
         [N, A, C], ``bbox_regression`` [N, A, 4] and ``anchors`` [A, 4] (normalised xyxy)."""
@@ -96,6 +105,9 @@ class SSDLiteMobileNetV2(Buildable, SSDLite):
         frozen_stages: backbone rows kept frozen (see :class:`~backbones.MobileNetV2`).
         extra_depths: output depths of the extra layers at width 1.0.
         min_depth: the smallest extra-layer depth.
+        backbone_init: ``"kaiming"`` (the reference MobileNetV2 init) or ``"normal"``: every
+            backbone conv drawn from N(0, 0.03), what torchvision's SSDLite does to a backbone
+            trained from scratch. Pretrained weights replace either when training starts.
         head_options: default boxes, matching, loss and post-processing: the keyword
             arguments of :class:`~heads.ssdlite.SSDLiteHead` (its defaults are TF's).
 
@@ -111,11 +123,18 @@ class SSDLiteMobileNetV2(Buildable, SSDLite):
         frozen_stages: int = 0,
         extra_depths: Sequence[int] = SSDLITE_EXTRA_DEPTHS,
         min_depth: int = MIN_DEPTH,
+        backbone_init: Literal["kaiming", "normal"] = "kaiming",
         **head_options: Any,
     ) -> None:
+        if backbone_init not in ("kaiming", "normal"):
+            raise ValueError(f"backbone_init must be 'kaiming' or 'normal', got {backbone_init!r}")
         backbone = MobileNetV2(
             width_mult=width_mult, out_features=("c4_expand", "final_conv"), frozen_stages=frozen_stages
         )
+        if backbone_init == "normal":
+            for module in backbone.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.normal_(module.weight, std=0.03)
         depths = [max(int(depth * width_mult), min_depth) for depth in extra_depths]
         head = SSDLiteHead(backbone.output_shape(), num_classes=num_classes, extra_depths=depths, **head_options)
         super().__init__(backbone, head, image_size)
