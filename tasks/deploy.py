@@ -335,19 +335,38 @@ def median_ms(call: Callable[[], Any], runs: int = 10) -> float:
     return 1000 * float(np.median(timed_runs(call, runs, warmup=1)))
 
 
-def matched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
-    """Share of PyTorch's detections that the export also finds: same image and label, IoU >= 0.99.
+def detection_matches(
+    expected: Sequence[np.ndarray],
+    actual: Sequence[np.ndarray],
+    *,
+    min_iou: float = 0.99,
+    score_tolerance: float | None = 1e-4,
+) -> np.ndarray:
+    """For each expected detection, the index of the actual one that finds it, or -1.
 
-    Compared as sets, not row by row: near-tied scores (an untrained network has many) may be
-    ordered differently by two runtimes without any detection being different.
+    Both are ``(boxes, scores, labels, batch_index)`` as the exported detector gives them. A
+    match has the same image and label, IoU >= ``min_iou`` and (unless ``score_tolerance`` is
+    None) a score within ``score_tolerance``; of several, the one that overlaps most. Compared
+    as sets, not row by row: near-tied scores (an untrained network has many) may be ordered
+    differently by two runtimes without any detection being different.
     """
     boxes, scores, labels, images = expected
-    if len(scores) == 0:
-        return 1.0 if len(actual[1]) == 0 else 0.0
+    if len(scores) == 0 or len(actual[1]) == 0:
+        return np.full(len(scores), -1, dtype=np.int64)
     same = (labels[:, None] == actual[2][None]) & (images[:, None] == actual[3][None])
-    overlap = box_iou(torch.from_numpy(boxes), torch.from_numpy(actual[0])).numpy() >= 0.99
-    close = np.abs(scores[:, None] - actual[1][None]) <= 1e-4
-    return float(np.mean((same & overlap & close).any(axis=1)))
+    iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(actual[0])).numpy()
+    found = same & (iou >= min_iou)
+    if score_tolerance is not None:
+        found &= np.abs(scores[:, None] - actual[1][None]) <= score_tolerance
+    return np.where(found.any(axis=1), np.where(found, iou, -1.0).argmax(axis=1), -1)
+
+
+def matched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
+    """Share of PyTorch's detections that the export also finds: same image and label, IoU >= 0.99,
+    score within 1e-4 (:func:`detection_matches`)."""
+    if len(expected[1]) == 0:
+        return 1.0 if len(actual[1]) == 0 else 0.0
+    return float(np.mean(detection_matches(expected, actual) >= 0))
 
 
 def verify(module: nn.Module, run: Callable[[np.ndarray], list[np.ndarray]], images: Tensor) -> dict[str, Any]:
@@ -389,7 +408,47 @@ def verify(module: nn.Module, run: Callable[[np.ndarray], list[np.ndarray]], ima
     return report
 
 
-RUNTIMES = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "torchscript": "TorchScript"}
+def file_predictions(
+    output_names: Sequence[str], outputs: Sequence[np.ndarray], input_size: tuple[int, int], image_sizes: Tensor
+) -> list[dict[str, Tensor]]:
+    """An exported file's outputs for one batch, per image in the frame validation reports
+    (the task's ``predict_step``), so the same metric can score them.
+
+    Args:
+        output_names: the file's outputs (its metadata's ``outputs``).
+        outputs: what the file returned for the batch.
+        input_size: ``(height, width)`` of the batch the file ran on.
+        image_sizes: Int64Tensor[N, 2] ``(height, width)`` of the batch's images (the batch's
+            ``image_sizes``): detection's original images, segmentation's unpadded ones.
+
+    Returns:
+        Detection after NMS: ``boxes`` (absolute xyxy in the original image: the input's pixels
+        scaled by image / input, as the network's normalised boxes map onto both), ``scores``,
+        ``labels``; segmentation: ``labels`` Int64Tensor[h, w] cropped to the image (the argmax
+        of ``logits``).
+
+    Raises:
+        ValueError: outputs of neither kind (the raw heads of a ``--raw`` export).
+    """
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float32).reshape(-1, 2)
+    if tuple(output_names) == DETECTION_OUTPUTS:
+        boxes, scores, labels, images = (torch.from_numpy(np.asarray(output)) for output in outputs)
+        scale = (sizes / torch.tensor(input_size, dtype=torch.float32))[:, [1, 0, 1, 0]]  # (h, w) -> x, y, x, y
+        mine = [images == index for index in range(len(sizes))]
+        return [
+            {"boxes": boxes[rows] * scale[index], "scores": scores[rows], "labels": labels[rows]}
+            for index, rows in enumerate(mine)
+        ]
+    if tuple(output_names) in (("labels",), ("logits",)):
+        maps = torch.from_numpy(np.asarray(outputs[0]))
+        maps = maps.argmax(dim=1) if maps.ndim == 4 else maps
+        return [{"labels": labels[: int(h), : int(w)]} for labels, (h, w) in zip(maps, sizes.tolist())]
+    raise ValueError(
+        f"outputs {', '.join(output_names)} are not predictions: export detection with its post-processing (without --raw)"
+    )
+
+
+RUNTIMES = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "torchscript": "TorchScript", "int8": "ONNX Runtime INT8"}
 
 
 def _percent(share: float) -> str:
@@ -398,15 +457,21 @@ def _percent(share: float) -> str:
 
 def parity_report(report: Mapping[str, Any]) -> list[str]:
     """:func:`verify`'s numbers (and ``<runtime>_ms`` latencies) as aligned ``name: value`` lines,
-    e.g. ``matched detections: 100%``."""
+    e.g. ``matched detections: 100%``; also ``<name>_share`` (a percentage), ``<name>_bytes``
+    (MB) and ``<name>_mean_abs_diff`` (:func:`tasks.quantization.parity`'s numbers)."""
     rows = []
     for key, value in report.items():
         if key == "detections":
             rows.append(("detections (PyTorch)", str(value)))
         elif key == "detections_matched":
             rows.append(("matched detections", _percent(value)))
-        elif key.endswith("_max_abs_diff"):
-            rows.append((f"{key.removesuffix('_max_abs_diff')} max abs difference", f"{value:.3g}"))
+        elif key.endswith(("_max_abs_diff", "_mean_abs_diff")):
+            name, kind, _, _ = key.rsplit("_", 3)
+            rows.append((f"{name} {kind} abs difference", f"{value:.3g}"))
+        elif key.endswith("_share"):
+            rows.append((key.removesuffix("_share").replace("_", " "), _percent(value)))
+        elif key.endswith("_bytes"):
+            rows.append((key.removesuffix("_bytes").replace("_", " "), f"{value / 1e6:.2f} MB"))
         elif key.endswith("_mismatch"):
             rows.append((f"{key.removesuffix('_mismatch')} differing", _percent(value)))
         elif key.endswith("_ms"):

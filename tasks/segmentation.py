@@ -108,6 +108,18 @@ class DeepLabV3Segmentation(DenseTask):
             sizes = [tuple(images.shape[-2:])] * images.shape[0]
         return self.network.postprocess({"logits": self.predict_probs(images)}, sizes)
 
+    def network_input(self, image: np.ndarray, *, max_size: int | None = None) -> Tensor:
+        """What validation feeds the network for an RGB ``uint8[H, W, 3]`` array: the image itself,
+        ``uint8[3, H, W]`` (``eval_transforms``: full resolution). An image whose longest side
+        exceeds ``max_size`` is scaled down to it (area interpolation), so huge photos do not
+        need gigabytes."""
+        height, width = image.shape[:2]
+        longest = max(height, width)
+        if max_size is not None and longest > max_size:
+            size = (max(1, round(width * max_size / longest)), max(1, round(height * max_size / longest)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(image.transpose(2, 0, 1).copy())
+
     @torch.no_grad()
     def predict_images(
         self, images: Sequence[np.ndarray], *, max_size: int | None = None
@@ -125,13 +137,8 @@ class DeepLabV3Segmentation(DenseTask):
         predictions = []
         for image in images:
             height, width = image.shape[:2]
-            longest = max(height, width)
-            network_input = image
-            if max_size is not None and longest > max_size:
-                size = (max(1, round(width * max_size / longest)), max(1, round(height * max_size / longest)))
-                network_input = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            tensor = torch.from_numpy(network_input.transpose(2, 0, 1).copy())[None].to(self.device)
-            inference_size = tuple(int(v) for v in network_input.shape[:2])
+            tensor = self.network_input(image, max_size=max_size)[None].to(self.device)
+            inference_size = tuple(int(v) for v in tensor.shape[-2:])
             (labels,) = self.predict_step({"images": tensor, "image_sizes": [inference_size]}, 0)
             if inference_size != (height, width):
                 labels = F.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()

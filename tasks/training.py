@@ -150,6 +150,11 @@ class DenseTask(LightningModule, ABC):
     def predict_images(self, images: Sequence[np.ndarray], *, max_size: int | None = None) -> list[dict[str, Any]]:
         """Predictions on RGB ``uint8[H, W, 3]`` arrays through validation's own steps."""
 
+    @abstractmethod
+    def network_input(self, image: np.ndarray, *, max_size: int | None = None) -> Tensor:
+        """What validation feeds the network for an RGB ``uint8[H, W, 3]`` array (``uint8[3, h, w]``):
+        the one preprocessing of predictions, exports and INT8 calibration."""
+
     # ------------------------------------------------------------------ network
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images[N, 3, H, W]`` RGB 0..255 -> the network's outputs."""

@@ -227,3 +227,53 @@ def test_fused_model_gives_the_same_outputs_without_batchnorm(task: str) -> None
             got = copy(images)
             for name in expected:
                 torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+
+
+def test_the_parity_report_formats_the_int8_numbers() -> None:
+    report = {"images": 16, "float_detections": 18, "detections_matched": 0.9444, "box_mean_abs_diff": 1.46,
+              "float_file_bytes": 12_528_457, "int8_size_vs_float_share": 0.3033, "int8_ms": 22.51}  # fmt: skip
+    assert deploy.parity_report(report) == [
+        "                   images: 16",
+        "         float detections: 18",
+        "       matched detections: 94.44%",
+        "  box mean abs difference: 1.46",
+        "               float file: 12.53 MB",
+        "       int8 size vs float: 30.33%",
+        "ONNX Runtime INT8 latency: 22.5 ms",
+    ]
+
+
+def test_detection_matches_find_each_detection_by_image_label_and_overlap() -> None:
+    expected = (
+        np.array([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 10, 10]], np.float32),
+        np.array([0.9, 0.8, 0.7], np.float32),
+        np.array([1, 2, 1]),
+        np.array([0, 0, 1]),
+    )
+    actual = (
+        np.array([[21, 21, 40, 40], [0, 0, 10, 11], [0, 0, 10, 10]], np.float32),  # IoU 0.9, 0.91 and 1
+        np.array([0.5, 0.88, 0.7], np.float32),
+        np.array([2, 1, 3]),
+        np.array([0, 0, 1]),
+    )
+    assert deploy.detection_matches(expected, actual, min_iou=0.5, score_tolerance=None).tolist() == [1, 0, -1]
+    assert deploy.detection_matches(expected, actual, min_iou=0.5, score_tolerance=0.05).tolist() == [1, -1, -1]
+    assert deploy.detection_matches(expected, actual).tolist() == [-1, -1, -1]  # export parity: IoU >= 0.99
+    assert deploy.matched_detections(expected, expected) == 1.0
+
+
+def test_file_predictions_are_in_the_frame_validation_reports() -> None:
+    boxes = np.array([[10, 20, 50, 60], [0, 0, 100, 100], [5, 5, 10, 10]], np.float32)  # in the 100x100 input
+    outputs = [boxes, np.array([0.9, 0.5, 0.4], np.float32), np.array([1, 2, 1]), np.array([0, 0, 1])]
+    sizes = torch.tensor([[200, 300], [50, 100]])  # (height, width) of the original images
+    first, second = deploy.file_predictions(deploy.DETECTION_OUTPUTS, outputs, (100, 100), sizes)
+    torch.testing.assert_close(first["boxes"], torch.tensor([[30.0, 40, 150, 120], [0, 0, 300, 200]]))
+    assert first["labels"].tolist() == [1, 2] and second["scores"].tolist() == [pytest.approx(0.4)]
+    torch.testing.assert_close(second["boxes"], torch.tensor([[5.0, 2.5, 10, 5]]))
+
+    logits = np.zeros((2, 3, 4, 6), np.float32)
+    logits[:, 2] = 1.0
+    maps = deploy.file_predictions(["logits"], [logits], (4, 6), torch.tensor([[4, 6], [3, 2]]))
+    assert [m["labels"].shape for m in maps] == [(4, 6), (3, 2)] and int(maps[1]["labels"].max()) == 2
+    with pytest.raises(ValueError, match="without --raw"):
+        deploy.file_predictions(deploy.RAW_DETECTION_OUTPUTS, [], (100, 100), sizes)

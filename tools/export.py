@@ -4,6 +4,8 @@
     python tools/export.py CHECKPOINT --out raw.onnx --raw                 # detection heads + anchors
     python tools/export.py CHECKPOINT --out seg.onnx --output logits       # segmentation logits
     python tools/export.py CHECKPOINT --out model.pt                       # TorchScript (.pt, .ts)
+    python tools/export.py CHECKPOINT --out model.onnx --int8              # and model.int8.onnx
+        [--calibration-images 256] [--calibration-data DIR] [--calibrator minmax|entropy|percentile]
 
 The format follows the extension (``--format`` must agree with it). Inputs are ``images``
 Float[N, 3, H, W], RGB 0..255 (the model normalises inside); the batch is dynamic (and, for
@@ -13,6 +15,16 @@ The file carries its class names, input size and normalisation as metadata
 ``torch.jit.load``), run on a batch of three random images and compared with eager PyTorch:
 detections must agree box for box after NMS, other outputs to rounding; the latency of both
 is reported.
+
+``--int8`` also writes the post-training INT8 quantisation of the ONNX file beside it
+(``model.onnx`` -> ``model.int8.onnx``, QDQ format: ``tasks.quantization`` says which layers
+stay float), calibrated on ``--calibration-images`` images of the checkpoint's training split
+(``--data-root`` if the data has moved) or of ``--calibration-data`` (a folder or files), each
+through validation's preprocessing. It then runs the INT8 file in ONNX Runtime on other images
+of the same source and prints its parity report against the float file (matched detections and
+box / score differences, or pixel agreement), the sizes on disk and both latencies; an INT8
+file that disagrees beyond quantisation noise stops the tool with exit status 1 (the file stays,
+for inspection). Its accuracy on the validation split: ``tools/test.py model.int8.onnx --data CHECKPOINT``.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ if __name__ == "__main__":
 
 from tasks import deploy  # noqa: E402
 from tasks.checkpoints import load_task  # noqa: E402
+from tasks.prediction_files import image_paths  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -45,9 +58,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", choices=["labels", "logits"], default="labels", help="segmentation output")
     parser.add_argument("--input-size", type=int, help="square side of the example input (and detection's input)")
     parser.add_argument("--threads", type=int, default=2, help="threads for the latency comparison")
+    int8 = parser.add_argument_group("INT8 (post-training static quantisation of the ONNX file)")
+    int8.add_argument("--int8", action="store_true", help="also write NAME.int8.onnx beside --out NAME.onnx")
+    int8.add_argument("--calibration-images", type=int, default=256, help="images to calibrate on")
+    int8.add_argument(
+        "--calibration-data", type=Path, nargs="+", help="image folders or files (default: the training split)"
+    )
+    int8.add_argument("--data-root", help="the training data's folder, when it has moved since training")
+    int8.add_argument(
+        "--calibrator", choices=["minmax", "entropy", "percentile"], default="minmax", help="activation ranges"
+    )
+    int8.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="activation type (weights: int8)")
+    int8.add_argument(
+        "--min-agreement", type=float,
+        help="least share of the float model's detections (score >= 0.3) found by INT8, or of pixels labelled "
+        "alike (default 0.9); below it the tool fails",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         export_format = deploy.check_output_path(args.out, args.format)
+        if args.int8 and export_format != "onnx":
+            raise ValueError(f"{args.out}: --int8 quantises ONNX files; name the output NAME.onnx")
+        if args.int8 and args.calibration_images < 1:
+            raise ValueError(f"calibration needs at least one image, got --calibration-images {args.calibration_images}")
         task = load_task(args.checkpoint)
         module, example, dynamic_size = deploy.exportable(
             task.network, task.label_names(), raw=args.raw, output=args.output, input_size=args.input_size
@@ -68,6 +101,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, outputs: {', '.join(module.output_names)})")
     for line in deploy.parity_report(report):
         print(f"  {line}")
+    if args.int8:
+        report["int8"] = export_int8(args, task)
+    return report
+
+
+def export_int8(args: argparse.Namespace, task: Any) -> dict[str, Any]:
+    """Quantise ``args.out`` beside it, print the parity report; exit 1 when it fails."""
+    from tasks import quantization  # onnxruntime's quantiser: only for --int8
+
+    out = quantization.int8_file_name(args.out)
+    try:
+        if args.calibration_data:
+            paths, source = image_paths(args.calibration_data), "given"
+        else:
+            paths, source = quantization.training_image_files(args.checkpoint, args.data_root), "training"
+        calibration, held_out = quantization.split_images(paths, args.calibration_images)
+        images = quantization.calibration_images(task, calibration)
+        quantization.quantize(args.out, out, images, calibrator=args.calibrator, activations=args.activations)
+        checks = quantization.calibration_images(task, held_out)
+        report = quantization.parity(args.out, out, checks, threads=args.threads)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    float_run, int8_run = (deploy.load_runner(path, "onnx", args.threads) for path in (args.out, out))
+    one = checks[0]
+    report["onnx_ms"] = deploy.median_ms(lambda: float_run(one))
+    report["int8_ms"] = deploy.median_ms(lambda: int8_run(one))
+    held = "the calibration images" if held_out == calibration else "held out"
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, INT8: calibrated on {len(images)} {source} images, "
+        f"{args.calibrator}, {args.activations} activations; parity on {len(checks)} images, {held})"
+    )
+    for line in deploy.parity_report(report):
+        print(f"  {line}")
+    try:
+        limit = quantization.MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
+        quantization.check_parity(report, out, min_agreement=limit)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     return report
 
 

@@ -1,6 +1,7 @@
-"""Evaluate a trained checkpoint on its dataset's validation split, writing the predictions too.
+"""Evaluate a trained checkpoint, or an exported ONNX file, on a validation split, writing the predictions too.
 
     python tools/test.py CHECKPOINT [--data-root DIR] [--out runs/test] [--json]
+    python tools/test.py MODEL.onnx --data CHECKPOINT_OR_CONFIG [--data-root DIR] [--out runs/test] [--json]
 
 Runs Lightning's validation loop with the task's own metric (the numbers
 ``tools/train.py validate --ckpt_path CHECKPOINT`` logs) and writes what the task predicts:
@@ -9,6 +10,11 @@ predicted labels per image in ``OUT/labels/``. The files are scored as ``tools/e
 ``tools/eval_miou.py`` score them (the same numbers, and a per-class table), and the numbers
 are written to ``OUT/metrics.json`` too. The dataset settings come from the checkpoint (what
 it was trained with); ``--data-root`` points them at another copy of the data.
+
+An ONNX file written by ``tools/export.py`` (float or INT8) is run in ONNX Runtime on the
+validation batches of ``--data`` (a checkpoint's saved data settings or a training config's),
+with the same preprocessing, metric classes and files (``tasks.evaluation.exported``): the
+accuracy of the file that ships.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ if __name__ == "__main__":
     quiet_startup()  # before torch and Lightning are imported
 
 from tasks.evaluation.checkpoint import evaluate_checkpoint  # noqa: E402
+from tasks.evaluation.exported import evaluate_exported  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by tools/train.py")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a checkpoint written by tools/train.py, or a .onnx file of tools/export.py"
+    )
+    parser.add_argument("--data", type=Path, help="a .onnx file: the checkpoint or config whose data settings to use")
     parser.add_argument("--data-root", help="dataset folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--out", type=Path, default=Path("runs/test"), help="folder for predictions and metrics.json")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
@@ -40,12 +50,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backend", choices=["auto", "pycocotools", "faster"], default="auto", help="COCOeval of the files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    parser.add_argument("--threads", type=int, default=2, help="a .onnx file: ONNX Runtime threads")
     args = parser.parse_args(argv)
+    exported = args.checkpoint.suffix.lower() == ".onnx"
+    if exported and args.data is None:
+        parser.error(f"{args.checkpoint}: an ONNX file needs --data CHECKPOINT_OR_CONFIG for its validation data")
+    if not exported and args.data is not None:
+        parser.error(f"{args.checkpoint}: --data is for .onnx files; a checkpoint brings its own data settings")
     try:
-        metrics, report = evaluate_checkpoint(
-            args.checkpoint, args.out, args.data_root, args.num_workers, args.backend,
-            accelerator=args.accelerator, progress=not args.no_progress,
-        )  # fmt: skip
+        if exported:
+            metrics, report = evaluate_exported(
+                args.checkpoint, args.data, args.out, args.data_root, args.num_workers, args.backend,
+                threads=args.threads, progress=not args.no_progress,
+            )  # fmt: skip
+        else:
+            metrics, report = evaluate_checkpoint(
+                args.checkpoint, args.out, args.data_root, args.num_workers, args.backend,
+                accelerator=args.accelerator, progress=not args.no_progress,
+            )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

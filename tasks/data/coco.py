@@ -218,6 +218,10 @@ class COCODetection(SeededAugmentation, Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_path(self, index: int) -> Path:
+        """The image file of record ``index``."""
+        return self.image_dir / self.records[index]["file_name"]
+
     def load_image(self, index: int) -> np.ndarray:
         """RGB uint8 ``[H, W, 3]`` of record ``index`` (grey, CMYK, RGBA... converted).
 
@@ -226,7 +230,7 @@ class COCODetection(SeededAugmentation, Dataset):
                 size its annotations give.
         """
         record = self.records[index]
-        path = self.image_dir / record["file_name"]
+        path = self.image_path(index)
         image = read_rgb(path)
         if image.shape[:2] != record["size"]:
             raise UnreadableSampleError(

@@ -155,9 +155,13 @@ class VOCSegmentation(SeededAugmentation, Dataset):
         self.seed_transform(index)
         return load_skipping(index, len(self), self._load, skip=self.skip_unreadable)
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index``."""
+        return self.voc / "JPEGImages" / f"{self.ids[index]}.jpg"
+
     def _load(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image_path = self.voc / "JPEGImages" / f"{image_id}.jpg"
+        image_path = self.image_path(index)
         mask_path = self.mask_dir / f"{image_id}.png"
         image = read_rgb(image_path)
         mask = read_label_png(mask_path, num_classes=self.num_classes, ignore_index=IGNORE_INDEX)

@@ -75,7 +75,9 @@ def load_datamodule(path: str | Path, **overrides: Any) -> LightningDataModule:
 
 
 class PredictionFiles(Callback):
-    """Writes the task's predictions of each validation batch while ``Trainer.validate`` runs.
+    """Writes the task's predictions of each validation batch while ``Trainer.validate`` runs
+    (or, without a Trainer, those given to :meth:`begin`, :meth:`add` and :meth:`end`: an
+    exported file's, :mod:`tasks.evaluation.exported`).
 
     The predictions are those the validation step scored (its return value; the task's
     ``predict_step`` for a task whose validation step returns nothing):
@@ -108,10 +110,14 @@ class PredictionFiles(Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, DescribesData):
             raise TypeError(f"{type(datamodule).__name__} has no dataset_info(): it cannot say how to write predictions")
-        self.info = datamodule.dataset_info()
-        self.class_names = list(pl_module.label_names())
         total = sum(trainer.num_val_batches) if trainer.num_val_batches else None
         total = int(total) if total is not None and math.isfinite(total) else None
+        self.begin(datamodule.dataset_info(), pl_module.label_names(), total)
+
+    def begin(self, info: DatasetInfo, class_names: Sequence[str], total: int | None = None) -> None:
+        """Start a pass over the data described by ``info`` (``total`` batches, for the bar)."""
+        self.info = info
+        self.class_names = list(class_names)
         self._bar = tqdm(total=total, desc="test", unit="batch", file=sys.stderr, disable=not self.progress)
 
     def on_validation_batch_end(
@@ -124,7 +130,10 @@ class PredictionFiles(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         # The validation step's own predictions (what the metric scored), as predict_step gives them.
-        predictions = outputs if outputs is not None else pl_module.predict_step(batch, batch_idx)
+        self.add(batch, outputs if outputs is not None else pl_module.predict_step(batch, batch_idx))
+
+    def add(self, batch: Mapping[str, Any], predictions: Sequence[Any]) -> None:
+        """Count and write one batch's predictions (see the class docs for their format)."""
         if predictions and isinstance(predictions[0], Mapping) and "boxes" in predictions[0]:
             self._add_detections(batch, predictions)
         else:
@@ -152,6 +161,10 @@ class PredictionFiles(Callback):
             self.label_maps.append(str(image_id))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """Close the pass: write ``detections.json`` (detection)."""
         if self._bar is not None:
             self._bar.close()
         if self.detections is not None:
