@@ -138,3 +138,94 @@ def test_convergence_section_trains_through_the_cli_and_reports_the_curve(synthe
     lines = format_report({"machine": "m", "threads": 1, "convergence": run}).splitlines()
     assert "| step | AP | AP50 | AP75 |" in lines
     assert lines[-1].startswith("| 4 | ")
+
+
+def test_training_step_section_times_both_models_and_reports_both_ratios() -> None:
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    from tasks.benchmarking.training_step import bench_training_step
+    from tasks.complexity import count
+    from tasks.networks import SSDLiteMobileNetV2
+
+    result = bench_training_step(batch_size=2, image_size=128, rounds=1, warmup=0, threads=1)
+    assert [r["model"] for r in result["models"]] == ["ours_ssdlite_mobilenetv2", "tv_ssdlite320_mobilenet_v3_large"]
+    assert (result["batch"], result["image_size"], result["threads"], result["num_classes"]) == (2, 128, 1, 6)
+    for row in result["models"]:
+        assert 0 < row["q25_s"] <= row["step_s"] <= row["q75_s"] and row["madds"] > 0
+        assert 0 <= row["system_s"] <= row["cpu_s"] and row["cpu_s"] > 0 and row["page_faults"] >= 0
+        assert row["images_per_s"] == pytest.approx(2 / row["step_s"])
+    ours, theirs = result["models"]
+    assert result["step_time_ratio"] == pytest.approx(ours["step_s"] / theirs["step_s"])
+
+    class TorchvisionNetwork(nn.Module):  # torchvision's SSD without its transform and post-processing
+        def __init__(self) -> None:
+            super().__init__()
+            self.ssd = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=6)
+
+        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.ssd.head(list(self.ssd.backbone(images).values()))
+
+    expected = count(SSDLiteMobileNetV2(num_classes=6), 128)["madds"] / count(TorchvisionNetwork(), 128)["madds"]
+    assert result["multiply_add_ratio"] == pytest.approx(expected, rel=1e-12)
+    assert expected > 1  # ours has more multiply-adds: the ratio the step time is held to
+    lines = format_report({"machine": "m", "threads": 1, "train_step": result}).splitlines()
+    ratio_line = f"training step ours / torchvision: {ours['step_s'] / theirs['step_s']:.2f} (multiply-adds: {expected:.2f})"
+    assert ratio_line in lines
+    assert sum(line.startswith(("| ours_ssdlite_mobilenetv2 | ", "| tv_ssdlite320_mobilenet_v3_large | ")) for line in lines) == 2
+
+
+def test_training_step_contenders_train_channels_last_and_their_steps_update_the_weights() -> None:
+    from tasks.benchmarking.training_step import build_ours, build_torchvision, synthetic_batch
+
+    images, targets = synthetic_batch(2, 128)
+    assert images.dtype == torch.uint8 and all(t["boxes"].shape == (3, 4) and t["labels"].min() >= 1 for t in targets)
+    assert torch.equal(images, synthetic_batch(2, 128)[0])  # the same batch every time
+    for build in (build_ours, build_torchvision):
+        contender = build(images, targets)
+        convs = [m for m in contender.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert contender.model.training and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        first = next(contender.model.backbone.parameters())  # the first convolution's weight
+        before = first.detach().clone()
+        loss = contender.step()
+        assert torch.isfinite(loss) and loss > 0
+        assert not torch.equal(before, first)  # the gradient reached the input end and AdamW stepped ...
+        assert len(contender.optimizer.state) == sum(1 for _ in contender.model.parameters())  # ... over every weight
+
+
+def test_training_step_profile_splits_each_step_into_phases_and_operator_categories() -> None:
+    from tasks.benchmarking.training_step import _labelled, _marks, build_ours, profile_training_step, synthetic_batch
+
+    rows = profile_training_step(batch_size=2, image_size=128, steps=1, warmup=0, threads=1)
+    assert list(dict.fromkeys(r["model"] for r in rows)) == ["ours_ssdlite_mobilenetv2", "tv_ssdlite320_mobilenet_v3_large"]
+    for model in ("ours_ssdlite_mobilenetv2", "tv_ssdlite320_mobilenet_v3_large"):
+        phases = {r["name"]: r for r in rows if r["model"] == model and r["kind"] == "phase"}
+        ops = {r["name"]: r for r in rows if r["model"] == model and r["kind"] == "op"}
+        assert sum(r["share"] for r in phases.values()) == pytest.approx(1.0)
+        assert sum(r["share"] for r in ops.values()) == pytest.approx(1.0)
+        assert list(ops) == ["copies", "convolution", "batch norm", "activation", "other"]
+        for name in ("backbone forward", "head forward", "backward", "optimiser"):
+            assert phases[name]["ms"] > 0 and 0 < phases[name]["share"] < 1
+        assert ops["convolution"]["ms"] > 0 and ops["batch norm"]["ms"] > 0 and ops["activation"]["ms"] > 0
+    ours = {r["name"]: r for r in rows if r["model"] == "ours_ssdlite_mobilenetv2"}
+    assert list(name for name, r in ours.items() if r["kind"] == "phase") == [
+        "normalize", "backbone forward", "head forward", "matching + loss", "backward", "optimiser", "between phases"
+    ]  # fmt: skip
+    assert 0 < ours["matching + loss: matching"]["ms"] <= ours["matching + loss"]["ms"]
+    assert ours["head forward: anchors"]["ms"] <= ours["head forward"]["ms"]
+
+    images, targets = synthetic_batch(2, 64)
+    contender = build_ours(images, targets)
+    generator = contender.model.head.anchor_generator
+    with _labelled(sum(_marks(contender), [])):
+        assert "forward" in vars(contender.model.backbone)
+    assert "forward" not in vars(contender.model.backbone) and "loss" not in vars(contender.model)
+    assert contender.model.head.anchor_generator is generator  # the labels are undone
+
+    lines = format_report({"machine": "m", "threads": 1, "train_step": {
+        "batch": 2, "image_size": 128, "num_classes": 6, "threads": 1, "rounds": 1, "step_time_ratio": 1.5,
+        "multiply_add_ratio": 1.63, "models": [], "profile": rows}}).splitlines()  # fmt: skip
+    assert "training step ours / torchvision: 1.50 (multiply-adds: 1.63)" in lines
+    assert "| ours_ssdlite_mobilenetv2: phase | ms | share |" in lines
+    assert any(line.startswith("| matching + loss: matching | ") for line in lines)
+    header = "| operators' own time | ours_ssdlite_mobilenetv2 ms | share | tv_ssdlite320_mobilenet_v3_large ms | share |"
+    assert header in lines and any(line.startswith("| convolution | ") for line in lines)

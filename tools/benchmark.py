@@ -4,7 +4,8 @@
     python tools/benchmark.py --only models --runs 50 --onnx --compile
     python tools/benchmark.py --only train,data --steps 20
     python tools/benchmark.py --only eval
-    python tools/benchmark.py --only convergence    # ~10 minutes: SSDLite from scratch, 400 steps
+    python tools/benchmark.py --only convergence    # ~20 minutes: SSDLite from scratch, 400 steps
+    python tools/benchmark.py --only ablation       # hours: ours vs torchvision's SSDLite, factor by factor
 
 Sections (the code is in tasks/benchmarking/):
   models  parameters, multiply-adds, median latency at batch 1 (with the spread: 25th-75th
@@ -16,12 +17,22 @@ Sections (the code is in tasks/benchmarking/):
           process. Detection latency includes post-processing (score threshold, top-k, NMS).
   train   images per second of a full training step (data loading, forward, loss, backward,
           optimiser) with the synthetic configs (model, sizes, batch, workers) on synthetic data.
+  train_step  the training step alone (forward, loss, backward, AdamW) of our SSDLite and
+          torchvision's, both channels-last, on one fixed batch (16 at 320x320 unless --batch-size),
+          interleaved: step times, the ratios ours / torchvision of step time and of multiply-adds,
+          and a torch.profiler breakdown by phase and by operator category.
   data    images per second of the training data pipeline alone (decode + augment + collate).
   eval    COCO evaluation of 5,000 images x 100 detections with each backend; mIoU
           accumulation over 1,000 masks of 513x513.
   convergence (only when asked for) trains a synthetic config from scratch through the
           project's CLI (default: configs/ssdlite_mobilenetv2_synthetic.yaml, 400 steps) and
           prints its validation curve, with the wall-clock time.
+  ablation (only when asked for) trains ours, torchvision's SSDLite and variants that change one
+          factor each (tasks/benchmarking/ablation.py) on the synthetic config's data and recipe,
+          scores them at 200 / 400 steps (every 50 for ours and torchvision's) with running and
+          re-estimated BatchNorm statistics, and prints the factor table and the curves
+          (runs/ablation/curves.png). Results are kept in runs/ablation/results.json: a second
+          call trains only what is missing or whose config changed.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.benchmarking.report import format_report  # noqa: E402
 from tasks.benchmarking.suite import ON_REQUEST, SECTIONS, Options, check_sections, run_suite  # noqa: E402
 
@@ -60,6 +72,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[list[str], Options, Path]:
         "--convergence-config", type=Path, default=defaults.convergence_config, help="config convergence trains"
     )
     parser.add_argument("--convergence-data", type=Path, help="its --data.root (default: the config's)")
+    parser.add_argument("--ablation-variants", type=lambda s: s.split(","), help="comma-separated (default: all)")
+    parser.add_argument(
+        "--ablation-seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=defaults.ablation_seeds,
+        help="seeds of the curve variants; the others run the first, and the second when within 0.03 AP of ours",
+    )  # fmt: skip
+    parser.add_argument("--ablation-out", type=Path, default=defaults.ablation_out, help="where results are kept")
     args = parser.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     try:
@@ -82,4 +100,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as tools/train.py: every model measured in the same conditions
     main()

@@ -22,10 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.startup import quiet_startup  # noqa: E402
 
 if __name__ == "__main__":
     quiet_startup()  # before torch and Lightning are imported
+    keep_freed_memory()  # no page faults on every step's activations (tasks/allocator.py)
 
 from tasks.inference import DEFAULT_MAX_SIZE, Predictor  # noqa: E402
 from tasks.prediction_files import NoReadableImageError, image_paths, predict_files  # noqa: E402

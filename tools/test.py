@@ -28,10 +28,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.startup import quiet_startup  # noqa: E402
 
 if __name__ == "__main__":
     quiet_startup()  # before torch and Lightning are imported
+    keep_freed_memory()  # no page faults on every step's activations (tasks/allocator.py)
 
 from tasks.evaluation.checkpoint import evaluate_checkpoint  # noqa: E402
 from tasks.evaluation.exported import evaluate_exported  # noqa: E402

@@ -37,10 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.startup import quiet_startup  # noqa: E402
 
 if __name__ == "__main__":
     quiet_startup()  # before torch and Lightning are imported: their import-time warnings too
+    keep_freed_memory()  # no page faults on every step's activations (tasks/allocator.py)
 
 from tasks.cli import CLI, error_for_people, main, run  # noqa: E402, F401  (importable from here, as before)
 

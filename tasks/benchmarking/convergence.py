@@ -12,8 +12,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 CURVE_KEYS = {"val/AP": "AP", "val/AP50": "AP50", "val/AP75": "AP75", "val/mIoU": "mIoU"}
-# What tools/train.py runs (tasks.cli.run), in a child process of its own.
-_TRAIN = "import sys; from tasks.cli import run; sys.exit(run())"
+# What tools/train.py runs (tasks.cli.run, with its allocator setting), in a child process of its own.
+_TRAIN = (
+    "import sys; from tasks.allocator import keep_freed_memory; keep_freed_memory(); "
+    "from tasks.cli import run; sys.exit(run())"
+)
 
 
 def bench_convergence(config: Path, data_root: Path | None, out: Path, extra: Sequence[str] = ()) -> dict[str, Any]:

@@ -95,6 +95,48 @@ def model_lines(models: list[dict[str, Any]]) -> list[str]:
     return [*lines, *([""] + errors if errors else []), ""]
 
 
+def training_step_lines(result: dict[str, Any]) -> list[str]:
+    """The training step alone (:mod:`tasks.benchmarking.training_step`): both models' step times,
+    the ratio line (step time and multiply-adds, ours / torchvision), then the profile tables."""
+    lines = [
+        f"Training step alone: batch {result['batch']} at {result['image_size']}x{result['image_size']}, "
+        f"{result['threads']} threads, median of {result['rounds']} interleaved rounds; forward, loss, backward "
+        f"and AdamW; both channels-last, random weights, {result['num_classes']} classes.",
+        "",
+        "| model | step s (IQR) | img/s | CPU s | of which system s | page faults | mult-adds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["models"]:
+        spread = f"{r['step_s']:.2f} ({r['q25_s']:.2f}-{r['q75_s']:.2f})"
+        usage = f"{r['cpu_s']:.2f} | {r['system_s']:.2f} | {r['page_faults'] / 1e3:.0f}k"
+        lines.append(f"| {r['model']} | {spread} | {r['images_per_s']:.1f} | {usage} | {r['madds'] / 1e9:.2f}B |")
+    lines += [
+        "",
+        f"training step ours / torchvision: {result['step_time_ratio']:.2f} "
+        f"(multiply-adds: {result['multiply_add_ratio']:.2f})",
+        "",
+    ]
+    profile = result.get("profile") or []
+    models = list(dict.fromkeys(r["model"] for r in profile))
+    if models:
+        lines += ["Where a step's time goes (torch.profiler, ms per step; it slows every operator a little):", ""]
+    for model in models:
+        rows = [r for r in profile if r["model"] == model and r["kind"] in ("phase", "part")]
+        lines += [f"| {model}: phase | ms | share |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['ms']:.0f} | {r['share']:.1%} |" for r in rows]
+        lines.append("")
+    if models:
+        ops = {(r["model"], r["name"]): r for r in profile if r["kind"] == "op"}
+        categories = list(dict.fromkeys(name for _, name in ops))
+        lines += ["| operators' own time | " + " | ".join(f"{m} ms | share" for m in models) + " |"]
+        lines += ["|---|" + "---|---|" * len(models)]
+        for category in categories:
+            cells = [f"{ops[m, category]['ms']:.0f} | {ops[m, category]['share']:.1%}" for m in models]
+            lines.append(f"| {category} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Markdown: the machine line, the ratios, then the models, train/data, eval and convergence tables."""
     lines = [f"Machine: {report['machine']}; {report['threads']} threads.", ""]
@@ -107,6 +149,8 @@ def format_report(report: dict[str, Any]) -> str:
                 what = "training step (data included)" if name == "train" else "data pipeline alone"
                 lines.append(f"| {r['task']} | {what} | {r['batch']} | {r['workers']} | {r['images_per_s']:.1f} |")
         lines.append("")
+    if report.get("train_step"):
+        lines += training_step_lines(report["train_step"])
     if report.get("eval"):
         lines += ["| evaluation | seconds |", "|---|---|"]
         lines += [f"| {r['what']} | {r['seconds']:.2f} |" for r in report["eval"]]
@@ -117,4 +161,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"{run['config']} from scratch, {run['seconds'] / 60:.1f} min:", ""]
         lines += ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {p['step']} | " + " | ".join(f"{p[n]:.3f}" for n in names) + " |" for p in run["curve"]]
+    if report.get("ablation"):
+        from tasks.benchmarking.ablation import format_ablation
+
+        lines += ["", format_ablation(report["ablation"])]
     return "\n".join(lines)

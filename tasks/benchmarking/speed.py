@@ -279,7 +279,8 @@ def bench_compiled(
 
 # Runs one row in a fresh interpreter and prints it as JSON on its last line.
 _CHILD = (
-    "import json, sys; from tasks.benchmarking.speed import bench_model; "
+    "import json, sys; from tasks.allocator import keep_freed_memory; keep_freed_memory(); "
+    "from tasks.benchmarking.speed import bench_model; "
     "print(json.dumps(bench_model(**json.loads(sys.argv[1]))))"
 )
 

@@ -12,8 +12,8 @@ import torch
 
 from tasks.benchmarking.training_speed import ROOT, SYNTHETIC_CONFIGS
 
-SECTIONS = ("models", "train", "data", "eval")  # the default run
-ON_REQUEST = ("convergence",)  # about 10 minutes: only when asked for
+SECTIONS = ("models", "train", "train_step", "data", "eval")  # the default run
+ON_REQUEST = ("convergence", "ablation")  # 20 minutes to hours: only when asked for
 
 
 @dataclass
@@ -32,6 +32,9 @@ class Options:
     convergence_config: Path = SYNTHETIC_CONFIGS["detection"]
     convergence_data: Path | None = None
     convergence_out: Path = ROOT / "runs" / "benchmark_convergence"
+    ablation_variants: Sequence[str] | None = None  # all of tasks.benchmarking.ablation.VARIANTS
+    ablation_seeds: Sequence[int] = (0, 1)
+    ablation_out: Path = ROOT / "runs" / "ablation"
 
 
 def check_sections(sections: Sequence[str]) -> None:
@@ -65,6 +68,13 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
                 report[section] = [
                     bench(task, root, options.batch_size, options.workers, options.steps) for task in SYNTHETIC_CONFIGS
                 ]
+    if "train_step" in sections:
+        from tasks.benchmarking.training_step import bench_training_step, profile_training_step
+
+        log("train_step: ours and torchvision's SSDLite, interleaved, then profiled ...")
+        batch = options.batch_size or 16
+        report["train_step"] = bench_training_step(batch, threads=options.threads)
+        report["train_step"]["profile"] = profile_training_step(batch, threads=options.threads)
     if "eval" in sections:
         from tasks.benchmarking.evaluation_speed import bench_eval
 
@@ -77,4 +87,14 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
         report["convergence"] = bench_convergence(
             options.convergence_config, options.convergence_data, options.convergence_out
         )
+    if "ablation" in sections:
+        from tasks.benchmarking.ablation import plot_curves, run_ablation
+
+        log(f"ablation: results in {options.ablation_out / 'results.json'} (runs only what is missing)")
+        results = run_ablation(
+            options.ablation_out, variants=options.ablation_variants, seeds=options.ablation_seeds,
+            data_root=options.convergence_data, log=log,
+        )  # fmt: skip
+        report["ablation"] = results
+        plot_curves(results, options.ablation_out / "curves.png")
     return report
