@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 # malloc, touch and free 40 MiB (above glibc's largest mmap threshold, 32 MiB) twice; print the
 # page faults of the second round.
 _CHILD = """
@@ -24,12 +22,10 @@ touch()
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-
 def _second_round_faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True, env=env)
     kept, faults = out.stdout.split()
     return kept, int(faults)
-
 
 def test_kept_memory_is_reused_without_page_faults() -> None:
     pages = 40 * 2**20 // 4096
