@@ -63,8 +63,8 @@ class DenseTask(LightningModule, ABC):
             ``--trainer.sync_batchnorm true``).
         bn_momentum: BatchNorm running-statistics momentum (None: the network's own).
         channels_last: keep the weights, and so the activations, channels-last: the same
-            numbers, about 2x faster on CPUs (oneDNN's depthwise convolutions), tensor-core
-            friendly on GPUs.
+            numbers, faster on CPUs (oneDNN's depthwise convolutions; ``tools/benchmark.py
+            --only models`` times ours both ways for inference), tensor-core friendly on GPUs.
     """
 
     # The recipe a task trains with when the config names none (set by each task).

@@ -49,6 +49,34 @@ def test_a_run_saves_weights_every_interval_and_scores_them_with_both_batchnorm_
         ablation.train = ablation_train  # type: ignore[assignment]
     assert again == results
 
+    # A kept result that lacks a step is scored from the saved weights, without training.
+    scores = json.loads(json.dumps(run["steps"]))
+    del results["ours/seed0"]["steps"]["2"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    try:
+        ablation.train = refuse  # type: ignore[assignment]
+        completed = run_ablation(
+            tmp_path, variants=["ours"], seeds=(0,), data_root=synthetic_coco, steps=4, every=2, extra=TINY
+        )
+    finally:
+        ablation.train = ablation_train  # type: ignore[assignment]
+    assert completed["ours/seed0"]["steps"] == scores
+    assert list(completed["ours/seed0"]["steps"]) == ["2", "4"]
+
+
+def test_the_fingerprint_follows_the_settings_not_the_comments(tmp_path: Path) -> None:
+    config = SYNTHETIC_CONFIGS["detection"]
+    text = config.read_text()
+    commented, changed = tmp_path / "commented.yaml", tmp_path / "changed.yaml"
+    commented.write_text("# a new remark\n" + text.replace("backbone_init: normal", "backbone_init: normal  # why"))
+    changed.write_text(text.replace("backbone_init: normal", "backbone_init: kaiming"))
+    assert changed.read_text() != text
+    key = ablation.fingerprint(config, [], 400, 50)
+    assert ablation.fingerprint(commented, [], 400, 50) == key
+    assert ablation.fingerprint(changed, [], 400, 50) != key
+    assert ablation.fingerprint(config, ["--seed_everything=1"], 400, 50) != key
+    assert ablation.fingerprint(config, [], 200, 50) != key
+
 
 def _fake(name: str, seed: int, ap: float) -> dict[str, object]:
     return {"variant": name, "seed": seed, "recipe": "r", "train_seconds": 1.0,
@@ -57,7 +85,10 @@ def _fake(name: str, seed: int, ap: float) -> dict[str, object]:
 
 def test_a_second_seed_runs_for_curves_and_for_variants_close_to_ours(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     trained: list[str] = []
-    finals = {"ours": 0.60, "torchvision": 0.70, "focal_loss": 0.58, "no_min_negatives": 0.50}
+    finals = {
+        "ours": 0.60, "torchvision": 0.70, "focal_loss": 0.58, "no_min_negatives": 0.50,
+        "kaiming_backbone_init": 0.52, "torchvision_default_boxes": 0.53,
+    }  # fmt: skip
 
     def fake_train(variant: ablation.Variant, seed: int, *args: object) -> float:
         trained.append(f"{variant.name}/seed{seed}")
@@ -69,19 +100,25 @@ def test_a_second_seed_runs_for_curves_and_for_variants_close_to_ours(monkeypatc
     monkeypatch.setattr(ablation, "train", fake_train)
     monkeypatch.setattr(ablation, "score", fake_score)
     run_ablation(tmp_path, variants=list(finals), seeds=(0, 1))
-    # focal is 0.02 from ours: a second seed; no_min_negatives is 0.10 away: one seed.
+    # focal is 0.02 from ours: a second seed; no_min_negatives is 0.10 away: one seed. The
+    # default boxes are compared with their own baseline (Kaiming init, 0.01 away): a second seed.
     assert trained == ["ours/seed0", "ours/seed1", "torchvision/seed0", "torchvision/seed1",
-                       "no_min_negatives/seed0", "focal_loss/seed0", "focal_loss/seed1"]  # fmt: skip
+                       "kaiming_backbone_init/seed0", "torchvision_default_boxes/seed0",
+                       "torchvision_default_boxes/seed1", "no_min_negatives/seed0", "focal_loss/seed0",
+                       "focal_loss/seed1"]  # fmt: skip
 
 
-def test_the_table_gives_means_each_seed_and_the_difference_to_ours() -> None:
+def test_the_table_gives_means_each_seed_and_the_difference_to_the_baseline() -> None:
     results = {f"{name}/seed{seed}": _fake(name, seed, ap) for name, seed, ap in
-               [("ours", 0, 0.60), ("ours", 1, 0.64), ("torchvision", 0, 0.70), ("focal_loss", 0, 0.50)]}  # fmt: skip
+               [("ours", 0, 0.60), ("ours", 1, 0.64), ("torchvision", 0, 0.70), ("focal_loss", 0, 0.50),
+                ("kaiming_backbone_init", 0, 0.55), ("torchvision_default_boxes", 0, 0.56)]}  # fmt: skip
     lines = format_ablation(results).splitlines()
     ours = next(line for line in lines if line.startswith("| ours |"))
-    assert "| 2 | 0.310 (0.300, 0.320) | 0.620 (0.600, 0.640) | - |" in ours
+    assert "| 2 | 0.310 (0.300, 0.320) | 0.620 (0.600, 0.640) | - | - |" in ours
     focal = next(line for line in lines if line.startswith("| focal_loss |"))
-    assert "| 1 | 0.250 | 0.500 | -0.120 |" in focal
+    assert "| 1 | 0.250 | 0.500 | ours | -0.100 |" in focal  # against ours' seed 0 alone
+    boxes = next(line for line in lines if line.startswith("| torchvision_default_boxes |"))
+    assert "| 1 | 0.280 | 0.560 | kaiming_backbone_init | +0.010 |" in boxes
     assert "| step | ours AP | ours running BN | torchvision AP | torchvision running BN |" in lines
     assert "| 400 | 0.620 | 0.207 | 0.700 | 0.233 |" in lines
     assert format_ablation(results) in format_report({"machine": "m", "threads": 1, "ablation": results})

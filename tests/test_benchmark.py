@@ -12,7 +12,7 @@ from torch import nn
 from tasks.benchmarking import speed
 from tasks.benchmarking.convergence import bench_convergence
 from tasks.benchmarking.report import format_report
-from tasks.benchmarking.speed import AS_SHIPPED, FOLDED
+from tasks.benchmarking.speed import AS_SHIPPED, FOLDED, FOLDED_CHANNELS_FIRST
 from tasks.benchmarking.training_speed import SYNTHETIC_CONFIGS, task_and_data
 from tools import benchmark
 
@@ -59,7 +59,8 @@ def test_report_leads_with_fair_ratios_computed_from_the_rows() -> None:
     table = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
     assert lines.index(fair_line) < lines.index(shipped_line) < table  # the fair ratio first, before the table
     for treatment in (FOLDED, AS_SHIPPED):
-        assert sum(line.startswith(f"| tv_lraspp_mobilenet_v3_large | {treatment} | 128 |") for line in lines) == 1
+        row = f"| tv_lraspp_mobilenet_v3_large | {treatment} | random | 21 | 128 |"
+        assert sum(line.startswith(row) for line in lines) == 1
 
 
 def test_compiled_path_compiles_the_call_that_is_timed() -> None:
@@ -83,6 +84,60 @@ def test_compiled_path_compiles_the_call_that_is_timed() -> None:
     assert row["compile_graphs"] >= 1 and row["compile_b1"]["median_ms"] > 0
 
 
+def test_trained_detection_rows_load_the_ablation_weights_and_time_validation_images(
+    synthetic_coco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.models.detection.ssd import SSD
+
+    from tasks.benchmarking import ablation
+
+    monkeypatch.setattr(speed, "SYNTHETIC_VALIDATION", synthetic_coco / "val2017")
+    variants = {v.name: v for v in ablation.VARIANTS}
+    for name, variant in speed.TRAINED_DETECTORS.items():
+        task = ablation.build(variants[variant], 1, synthetic_coco, SYNTHETIC_CONFIGS["detection"])[0]
+        saved = task.state_dict()
+        torch.save(saved, tmp_path / f"{variant}.pt")
+        contender = speed.build(name, str(tmp_path / f"{variant}.pt"))
+        assert contender.is_detector and contender.classes == 6 and contender.size == 320
+        if variant == "torchvision":  # torchvision's own SSD object, its transform included
+            assert isinstance(contender.model, SSD)
+            mine = {f"network.ssd.{key}": value for key, value in contender.model.state_dict().items()}
+        else:
+            assert contender.model.head.detections_per_image == 300  # torchvision's budget
+            mine = {f"network.{key}": value for key, value in contender.model.state_dict().items()}
+        assert mine.keys() <= saved.keys() and all(torch.equal(mine[key], saved[key]) for key in mine)
+    # The same validation images every call, resized to the input: not noise.
+    first, again = speed.validation_images(2, 320), speed.validation_images(2, 320)
+    assert first.shape == (2, 3, 320, 320) and torch.equal(first, again) and first.max() > 1
+    row = speed.bench_model(
+        "tv_ssdlite320_mobilenet_v3_large", FOLDED, runs=1, warmup=0, threads=1, use_compile=False, use_onnx=False,
+        weights=str(tmp_path / "torchvision.pt"),
+    )  # fmt: skip
+    assert (row["weights"], row["classes"]) == ("trained", 6)
+
+    # The weights come from the ablation's seed-0 runs, trained there when missing.
+    asked: list[tuple[list[str], tuple[int, ...]]] = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda out, variants, seeds, log: asked.append((variants, seeds)))
+    paths = speed.trained_detectors(tmp_path / "ablation", log=lambda _: None)
+    assert asked == [(["ours", "torchvision"], (0,))]
+    assert paths == {
+        "ours_ssdlite_mobilenetv2": str(tmp_path / "ablation" / "ours" / "seed0" / "step400.pt"),
+        "tv_ssdlite320_mobilenet_v3_large": str(tmp_path / "ablation" / "torchvision" / "seed0" / "step400.pt"),
+    }
+
+
+def test_channels_first_treatment_folds_and_keeps_the_layout() -> None:
+    contender = speed.build("ours_deeplabv3_mobilenetv2")
+    first = speed.apply_treatment(contender.model, FOLDED_CHANNELS_FIRST)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in first.modules())
+    def full_convs(model: nn.Module) -> list[torch.Tensor]:  # a depthwise or 1x1 weight has one layout
+        return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1]
+
+    assert full_convs(first) and not any(w.is_contiguous(memory_format=torch.channels_last) for w in full_convs(first))
+    folded = full_convs(speed.apply_treatment(contender.model, FOLDED))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in folded)
+
+
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_train_and_data_sections_use_the_synthetic_configs(task: str, tmp_path: Path) -> None:
     config = yaml.safe_load(SYNTHETIC_CONFIGS[task].read_text())
@@ -100,7 +155,11 @@ def test_report_is_a_markdown_table_per_section() -> None:
         "machine": "test cpu", "threads": 2,
         "models": [
             {"model": "ours", "treatment": FOLDED, "input": 320, "params": 4.5e6, "madds": 8.0e8, "network_b1": STATS,
-             "eager_b1": STATS, "eager_b8": STATS, "onnx_b1": STATS, "onnx_b8": STATS, "peak_rss_mb": 300},
+             "eager_b1": STATS, "eager_b8": STATS, "onnx_b1": STATS, "onnx_b8": STATS, "peak_rss_mb": 300,
+             "weights": "trained", "classes": 6},
+            {"model": "ours", "treatment": FOLDED_CHANNELS_FIRST, "input": 320, "params": 4.5e6, "madds": 8.0e8,
+             "network_b1": STATS, "eager_b1": {**STATS, "median_ms": 15.0}, "eager_b8": {**STATS, "median_ms": 12.0},
+             "onnx_b1": STATS, "onnx_b8": STATS, "peak_rss_mb": 300, "weights": "trained", "classes": 6},
             {"model": "theirs", "treatment": AS_SHIPPED, "input": 512, "params": 3.2e6, "madds": 2.0e9, "eager_b1": STATS,
              "eager_b8": STATS, "onnx_b1": {"error": "RuntimeError: no"}, "peak_rss_mb": 200},
         ],
@@ -110,8 +169,12 @@ def test_report_is_a_markdown_table_per_section() -> None:
     }  # fmt: skip
     lines = format_report(report).splitlines()
     assert lines[0] == "Machine: test cpu; 2 threads."
-    assert "| ours | folded | 320 | 4.50M | 0.80B | 10.0 | 10.0 (9.0-12.0) | 100.0 | 10.0 (9.0-12.0) | 100.0 | 300 |" in lines
-    assert "| theirs | as shipped | 512 | 3.20M | 2.00B | - | 10.0 (9.0-12.0) | 100.0 | - | - | 200 |" in lines
+    row = "| ours | folded | trained | 6 | 320 | 4.50M | 0.80B | 10.0 | 10.0 (9.0-12.0) | 100.0 | 10.0 (9.0-12.0) | 100.0 | 300 |"
+    assert row in lines
+    assert "| theirs | as shipped | random | - | 512 | 3.20M | 2.00B | - | 10.0 (9.0-12.0) | 100.0 | - | - | 200 |" in lines
+    # What channels-last alone brings: channels-first / channels-last latency of the same folded model.
+    assert "| channels-first / channels-last, median latency (both folded) | network_b1 | eager_b1 | eager_b8 | onnx_b1 | onnx_b8 |" in lines
+    assert "| ours | 1.00 | 1.50 | 1.20 | 1.00 | 1.00 |" in lines
     assert "- theirs (as shipped) onnx_b1: RuntimeError: no" in lines
     assert "| detection | training step (data included) | 16 | 1 | 12.5 |" in lines
     assert "| detection | data pipeline alone | 16 | 1 | 80.0 |" in lines

@@ -302,6 +302,7 @@ def new_and_legacy(detection_checkpoint: Path, tmp_path_factory: pytest.TempPath
     checkpoint = torch.load(detection_checkpoint, weights_only=True)
     network = checkpoint["hyper_parameters"]["network"]["init_args"]
     network.update(CHANGED_HEAD_OPTIONS)
+    network["backbone_init"] = "kaiming"  # the legacy layout predates the option: its default then
     network["default_boxes"] = {**network["default_boxes"], **CHANGED_DEFAULT_BOXES}
     torch.save(checkpoint, folder / "new.ckpt")
     legacy = dict(checkpoint)

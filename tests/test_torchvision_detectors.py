@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
 from backbones import MobileNetV2
 from tasks.checkpoints import load_task
 from tasks.detection import SSDLiteDetection
-from tasks.networks import MobileNetV3LargeFeatures, SSDLiteMobileNetV3, TorchvisionSSDLite
+from tasks.networks import MobileNetV3LargeFeatures, SSDLiteMobileNetV2, SSDLiteMobileNetV3, TorchvisionSSDLite
 from tools.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +197,27 @@ def test_each_network_trains_through_the_cli_and_reloads(
     assert set(actual) == set(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda init: SSDLiteMobileNetV2(num_classes=6, backbone_init=init),
+        lambda init: TorchvisionSSDLite(num_classes=6, backbone="mobilenet_v2", backbone_init=init),
+    ],
+    ids=["ours", "torchvision_head_on_ours"],
+)
+def test_backbone_init_is_the_reference_kaiming_or_torchvisions_normal(make: Callable[[str], nn.Module]) -> None:
+    def backbone_convs(network: nn.Module) -> list[torch.Tensor]:
+        (backbone,) = [m for m in network.modules() if isinstance(m, MobileNetV2)]
+        return [m.weight.detach() for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+
+    torch.manual_seed(0)
+    normal = backbone_convs(make("normal"))
+    pooled = torch.cat([w.flatten() for w in normal])
+    assert pooled.std().item() == pytest.approx(0.03, abs=5e-4) and abs(pooled.mean().item()) < 5e-4
+    # Kaiming (fan_out, as torchvision's MobileNetV2): the stem's 32 3x3 filters have std sqrt(2 / 288).
+    stem = backbone_convs(make("kaiming"))[0]
+    assert stem.shape == (32, 3, 3, 3) and stem.std().item() == pytest.approx((2 / 288) ** 0.5, rel=0.1)
+    with pytest.raises(ValueError, match="backbone_init must be 'kaiming' or 'normal', got 'xavier'"):
+        make("xavier")

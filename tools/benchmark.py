@@ -14,7 +14,11 @@ Sections (the code is in tasks/benchmarking/):
           memory. Ours run with BatchNorm folded and channels-last weights; torchvision's models
           run both with that same treatment and as shipped, and the report leads with the ratios
           ours / torchvision (fair: equal treatment; then as shipped). Each row runs in a fresh
-          process. Detection latency includes post-processing (score threshold, top-k, NMS).
+          process. Detection latency includes post-processing (score threshold, top-k, NMS), with
+          trained weights on the synthetic validation images: the ablation's runs of ours and
+          torchvision's SSDLite (6 classes; trained into --ablation-out first when missing, about
+          20 minutes; --random-detectors skips that). Ours also run folded but channels-first,
+          which measures what channels-last brings.
   train   images per second of a full training step (data loading, forward, loss, backward,
           optimiser) with the synthetic configs (model, sizes, batch, workers) on synthetic data.
   train_step  the training step alone (forward, loss, backward, AdamW) of our SSDLite and
@@ -33,6 +37,11 @@ Sections (the code is in tasks/benchmarking/):
           re-estimated BatchNorm statistics, and prints the factor table and the curves
           (runs/ablation/curves.png). Results are kept in runs/ablation/results.json: a second
           call trains only what is missing or whose config changed.
+  int8    (only when asked for) float and INT8 ONNX files (tasks/quantization.py) of our SSDLite and
+          DeepLabv3 and torchvision's SSDLite and LR-ASPP from the synthetic configs: latency at batch
+          1 and throughput at batch 8 (interleaved), size on disk, float/INT8 agreement, and AP / mIoU
+          of both files for models with trained weights (the detectors of the models section,
+          and any given with --int8-weights; tasks/benchmarking/int8.py).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from tasks.allocator import keep_freed_memory  # noqa: E402
+from tasks.benchmarking.int8 import add_arguments as add_int8_arguments  # noqa: E402
 from tasks.benchmarking.report import format_report  # noqa: E402
 from tasks.benchmarking.suite import ON_REQUEST, SECTIONS, Options, check_sections, run_suite  # noqa: E402
 
@@ -78,6 +88,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[list[str], Options, Path]:
         help="seeds of the curve variants; the others run the first, and the second when within 0.03 AP of ours",
     )  # fmt: skip
     parser.add_argument("--ablation-out", type=Path, default=defaults.ablation_out, help="where results are kept")
+    parser.add_argument(
+        "--random-detectors", dest="trained_detectors", action="store_false",
+        help="models: time the detectors with random weights instead of the ablation's trained ones "
+        "(no training first; torchvision's NMS then sees thousands of boxes)",
+    )  # fmt: skip
+    add_int8_arguments(parser)
     args = parser.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from tasks.benchmarking.training_speed import SYNTHETIC_CONFIGS
@@ -40,62 +41,52 @@ class Variant:
 
     Attributes:
         name: a short key (results file, command line).
-        change: what differs from ours, for the table.
+        change: what differs from ``baseline``, for the table.
         overrides: LightningCLI arguments applied to the synthetic config.
         curve: scored every 50 steps (the side-by-side curve); otherwise at 200 and 400 only.
+        baseline: the variant this one changes one factor of (its difference is taken to it).
     """
 
     name: str
     change: str
     overrides: tuple[str, ...] = ()
     curve: bool = False
+    baseline: str = "ours"
 
 
 _TORCHVISION = ("--model.network=tasks.networks.TorchvisionSSDLite", "--model.network.num_classes=6")
+_KAIMING = ("--model.network.backbone_init=kaiming",)
 VARIANTS: tuple[Variant, ...] = (
     Variant("ours", "ours: SSDLite-MobileNetV2 as configured", curve=True),
     Variant("torchvision", "torchvision's ssdlite320_mobilenet_v3_large, whole", _TORCHVISION, curve=True),
     Variant(
+        "kaiming_backbone_init",
+        "backbone convs Kaiming-initialised (the reference MobileNetV2 init; ours before this ablation) "
+        "instead of N(0, 0.03)",
+        _KAIMING,
+    ),
+    Variant(
         "ours_head_on_mnv3",
-        "our head, extras, boxes and loss on torchvision's MobileNetV3 features",
+        "our head, extras, boxes and loss on torchvision's MobileNetV3 features (its N(0, 0.03) init)",
         ("--model.network=tasks.networks.SSDLiteMobileNetV3", "--model.network.num_classes=6"),
     ),
     Variant(
         "torchvision_head_on_ours",
-        "torchvision's extras, head, boxes and loss on our MobileNetV2",
+        "torchvision's extras, head, boxes and loss on our MobileNetV2 (N(0, 0.03) init)",
         (*_TORCHVISION, "--model.network.backbone=mobilenet_v2"),
     ),
     Variant(
         "torchvision_default_boxes",
         "6 boxes on every layer (torchvision) instead of TF's 3 on the first",
-        ("--model.network.default_boxes.reduce_boxes_in_lowest_layer=false",),
-    ),
-    Variant(
-        "torchvision_backbone_init",
-        "backbone convs drawn from N(0, 0.03) (torchvision's SSDLite from scratch) instead of Kaiming",
-        ("--model.network.backbone_init=normal",),
+        ("--model.network.default_boxes.reduce_boxes_in_lowest_layer=false", *_KAIMING),
+        baseline="kaiming_backbone_init",
     ),
     Variant(
         "no_min_negatives",
         "no negatives forced in images without objects (torchvision: 0, TF: 3)",
         ("--model.network.min_negatives_per_image=0",),
     ),
-    Variant(
-        "backbone_bn_momentum",
-        "BatchNorm momentum 0.03 in the backbone too (torchvision's SSDLite backbone)",
-        ("--model.bn_momentum=0.03",),
-    ),
     Variant("focal_loss", "sigmoid focal loss instead of softmax + hard negatives", ("--model.network.loss_type=focal",)),
-    Variant(
-        "per_image_normalisation",
-        "losses normalised per image instead of per batch (both: per batch)",
-        ("--model.network.loss_normalization=image",),
-    ),
-    Variant(
-        "no_force_match",
-        "no forced best anchor per box (both force it)",
-        ("--model.network.force_match=false",),
-    ),
 )
 
 
@@ -141,10 +132,11 @@ def train(
 def score(
     variant: Variant, seed: int, folder: Path, data_root: Path | None, config: Path, steps: Sequence[int],
     extra: Sequence[str] = (),
+    budget_at: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """AP of the weights saved at ``steps``: running averages (``AP_running``) and re-estimated (``AP``).
 
-    At the last step also with torchvision's detection budget (``AP_300``: 300 candidates per
+    At step ``budget_at`` (default: the last of ``steps``) also with torchvision's detection budget (``AP_300``: 300 candidates per
     class, 300 detections per image) for networks with our head.
     """
     task, data = build(variant, seed, data_root, config, extra)
@@ -161,7 +153,7 @@ def score(
             )
         row["AP"] = validate(trainer, task, data)
         head = getattr(task.network, "head", None)
-        if step == steps[-1] and hasattr(head, "topk_candidates"):
+        if step == (steps[-1] if budget_at is None else budget_at) and hasattr(head, "topk_candidates"):
             budget = head.topk_candidates, head.detections_per_image
             head.topk_candidates, head.detections_per_image = 300 * (head.num_classes - 1), 300
             row["AP_300"] = validate(trainer, task, data)
@@ -190,7 +182,8 @@ def run_ablation(
     """Train and score what ``out/results.json`` lacks; return every result it then holds.
 
     Curve variants run every seed of ``seeds``; the others the first seed, and the second too
-    when their AP at ``steps`` is within :data:`CLOSE` of ours.
+    when their AP at ``steps`` is within :data:`CLOSE` of their baseline's. Results whose weights
+    lack a score at a needed step are scored from the saved weights, without retraining.
     """
     chosen = [v for v in VARIANTS if variants is None or v.name in variants]
     unknown = sorted(set(variants or ()) - {v.name for v in VARIANTS})
@@ -199,39 +192,48 @@ def run_ablation(
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     for variant in chosen:
+        marks = list(range(every, steps + 1, every) if variant.curve else (steps // 2, steps))
         for seed in seeds:
             key = f"{variant.name}/seed{seed}"
-            recipe = fingerprint(config, [*variant.overrides, *extra], steps, every)
-            if results.get(key, {}).get("recipe") == recipe:
-                continue
-            if seed != seeds[0] and not variant.curve and not close_to_ours(results, variant.name, seeds[0], steps):
-                continue
-            log(f"ablation: training {key} ({variant.change})")
             folder = out / variant.name / f"seed{seed}"
-            seed_everything(seed)
-            seconds = train(variant, seed, folder, data_root, config, steps, every, extra)
-            marks = range(every, steps + 1, every) if variant.curve else (steps // 2, steps)
-            scores = score(variant, seed, folder, data_root, config, list(marks), extra)
-            results[key] = {
-                "variant": variant.name, "seed": seed, "recipe": recipe, "train_seconds": seconds, "steps": scores
-            }  # fmt: skip
+            recipe = fingerprint(config, [*variant.overrides, *extra], steps, every)
+            kept = results.get(key) if results.get(key, {}).get("recipe") == recipe else None
+            if kept is None:
+                if seed != seeds[0] and not variant.curve and not close_to_baseline(results, variant, seeds[0], steps):
+                    continue
+                log(f"ablation: training {key} ({variant.change})")
+                seed_everything(seed)
+                seconds = train(variant, seed, folder, data_root, config, steps, every, extra)
+                kept = {"variant": variant.name, "seed": seed, "recipe": recipe, "train_seconds": seconds, "steps": {}}
+            missing = [mark for mark in marks if str(mark) not in kept["steps"]]
+            if not missing:
+                continue
+            absent = [mark for mark in missing if not (folder / f"step{mark}.pt").is_file()]
+            if kept["steps"] and absent:  # a kept result to complete, its weights gone
+                raise FileNotFoundError(f"{folder}: no weights for steps {absent}; delete {key} from {path} to retrain")
+            scored = {**kept["steps"], **score(variant, seed, folder, data_root, config, missing, extra, steps)}
+            kept["steps"] = {mark: scored[mark] for mark in sorted(scored, key=int)}
+            results[key] = kept
             path.write_text(json.dumps(results, indent=2))
-            log(f"ablation: {key} AP at {steps}: {scores[str(steps)]['AP']:.3f}")
+            log(f"ablation: {key} AP at {steps}: {kept['steps'][str(steps)]['AP']:.3f}")
     return results
 
 
 def fingerprint(config: Path, overrides: Sequence[str], steps: int, every: int) -> str:
-    """What a result was trained from: the config's text, the overrides and the schedule (a new one retrains)."""
-    text = "\n".join([config.read_text(), *overrides, f"steps={steps}", f"every={every}"])
+    """What a result was trained from: the config's settings (comments aside), the overrides and
+    the schedule. A change to any of them retrains."""
+    settings = json.dumps(yaml.safe_load(config.read_text()), sort_keys=True)
+    text = "\n".join([settings, *overrides, f"steps={steps}", f"every={every}"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def close_to_ours(results: dict[str, Any], name: str, seed: int, steps: int) -> bool:
-    """Whether ``name``'s AP at ``steps`` with ``seed`` is within :data:`CLOSE` of ours (unknown: False)."""
-    ours, other = results.get(f"ours/seed{seed}"), results.get(f"{name}/seed{seed}")
-    if ours is None or other is None:
+def close_to_baseline(results: dict[str, Any], variant: Variant, seed: int, steps: int) -> bool:
+    """Whether ``variant``'s AP at ``steps`` with ``seed`` is within :data:`CLOSE` of its baseline's
+    (unknown: False)."""
+    base, other = results.get(f"{variant.baseline}/seed{seed}"), results.get(f"{variant.name}/seed{seed}")
+    if base is None or other is None:
         return False
-    return abs(other["steps"][str(steps)]["AP"] - ours["steps"][str(steps)]["AP"]) < CLOSE
+    return abs(other["steps"][str(steps)]["AP"] - base["steps"][str(steps)]["AP"]) < CLOSE
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -252,14 +254,14 @@ def _runs(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def format_ablation(results: dict[str, Any], steps: int = 400) -> str:
-    """Markdown: the factor table (AP at ``steps // 2`` and ``steps``, re-estimated BatchNorm), then
-    the side-by-side curve of the curve variants (mean over seeds, both BatchNorm statistics)."""
+    """Markdown: the factor table (AP at ``steps // 2`` and ``steps``, re-estimated BatchNorm; the
+    difference to the baseline over the seeds both have), then the side-by-side curve of the
+    curve variants (mean over seeds, both BatchNorm statistics)."""
     half = str(steps // 2)
-    ours = [r["steps"][str(steps)]["AP"] for r in _runs(results, "ours")]
     lines = [
-        f"| variant | what differs from ours | seeds | AP@{half} | AP@{steps} | AP@{steps} - ours | "
-        f"AP@{steps}, running BN | AP@{steps}, 300 detections |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | what differs from the baseline | seeds | AP@{half} | AP@{steps} | baseline | "
+        f"AP@{steps} - baseline | AP@{steps}, running BN | AP@{steps}, 300 detections |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         runs = _runs(results, variant.name)
@@ -267,10 +269,13 @@ def format_ablation(results: dict[str, Any], steps: int = 400) -> str:
             continue
         at = lambda step, key: [r["steps"][step][key] for r in runs if key in r["steps"].get(step, {})]  # noqa: E731
         final = at(str(steps), "AP")
-        delta = f"{_mean(final) - _mean(ours):+.3f}" if ours and variant.name != "ours" else "-"
+        seeds = {r["seed"] for r in runs}  # the baseline over the same seeds: a paired difference
+        base = [r["steps"][str(steps)]["AP"] for r in _runs(results, variant.baseline) if r["seed"] in seeds]
+        compared = variant.name != variant.baseline and base
+        baseline, delta = (variant.baseline, f"{_mean(final) - _mean(base):+.3f}") if compared else ("-", "-")
         lines.append(
-            f"| {variant.name} | {variant.change} | {len(runs)} | {_cell(at(half, 'AP'))} | {_cell(final)} | {delta} "
-            f"| {_cell(at(str(steps), 'AP_running'))} | {_cell(at(str(steps), 'AP_300'))} |"
+            f"| {variant.name} | {variant.change} | {len(runs)} | {_cell(at(half, 'AP'))} | {_cell(final)} | {baseline} "
+            f"| {delta} | {_cell(at(str(steps), 'AP_running'))} | {_cell(at(str(steps), 'AP_300'))} |"
         )
     curves = [v for v in VARIANTS if v.curve and _runs(results, v.name)]
     if curves:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tasks.benchmarking.convergence import CURVE_KEYS
-from tasks.benchmarking.speed import AS_SHIPPED, FOLDED, PAIRS
+from tasks.benchmarking.speed import AS_SHIPPED, FOLDED, FOLDED_CHANNELS_FIRST, PAIRS
 
 TIMINGS = ("network_b1", "eager_b1", "eager_b8", "compile_b1", "onnx_b1", "onnx_b8")
 
@@ -65,16 +65,35 @@ def ratio_lines(models: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def channels_last_lines(models: list[dict[str, Any]]) -> list[str]:
+    """What channels-last weights alone bring ours: median latency channels-first / channels-last
+    (both BatchNorm-folded), per timed column; above 1, channels-last is faster."""
+    rows = {(r["model"], r.get("treatment", FOLDED)): r for r in models}
+    columns = [key for key in TIMINGS if any(_median(r, key) for r in models)]
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in models):
+        last, first = rows.get((name, FOLDED)), rows.get((name, FOLDED_CHANNELS_FIRST))
+        if last is None or first is None:
+            continue
+        cells = [(a, b) for a, b in ((_median(first, key), _median(last, key)) for key in columns)]
+        lines.append(f"| {name} | " + " | ".join(f"{a / b:.2f}" if a and b else "-" for a, b in cells) + " |")
+    if not lines:
+        return []
+    header = "| channels-first / channels-last, median latency (both folded) | " + " | ".join(columns) + " |"
+    return [header, "|" + "---|" * (len(columns) + 1), *lines, ""]
+
+
 def model_lines(models: list[dict[str, Any]]) -> list[str]:
     """One row per (model, treatment): counts, latencies (median and IQR) and throughputs."""
     backends = [b for b in ("eager", "compile", "onnx") if any(f"{b}_b1" in r for r in models)]
     compiled = any("compile_graphs" in r for r in models)
-    header = "| model | treatment | input | params | mult-adds | network alone b1 ms | " + " | ".join(
+    header = "| model | treatment | weights | classes | input | params | mult-adds | network alone b1 ms | " + " | ".join(
         f"{b} b1 ms (IQR) | {b} b8 img/s" for b in backends
     ) + (" | compiled graphs" if compiled else "") + " | peak RSS MB |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in models:
-        cells = [r["model"], r.get("treatment", FOLDED), str(r["input"])]
+        cells = [r["model"], r.get("treatment", FOLDED), r.get("weights", "random"), str(r.get("classes", "-"))]
+        cells.append(str(r["input"]))
         cells += [f"{r['params'] / 1e6:.2f}M", f"{r['madds'] / 1e9:.2f}B"]
         cells.append(f"{r['network_b1']['median_ms']:.1f}" if "network_b1" in r else "-")
         for b in backends:
@@ -141,7 +160,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Markdown: the machine line, the ratios, then the models, train/data, eval and convergence tables."""
     lines = [f"Machine: {report['machine']}; {report['threads']} threads.", ""]
     if report.get("models"):
-        lines += ratio_lines(report["models"]) + model_lines(report["models"])
+        lines += ratio_lines(report["models"]) + channels_last_lines(report["models"]) + model_lines(report["models"])
     if report.get("train") or report.get("data"):
         lines += ["| task | what | batch | workers | img/s |", "|---|---|---|---|---|"]
         for name in ("train", "data"):
@@ -165,4 +184,8 @@ def format_report(report: dict[str, Any]) -> str:
         from tasks.benchmarking.ablation import format_ablation
 
         lines += ["", format_ablation(report["ablation"])]
+    if report.get("int8"):
+        from tasks.benchmarking.int8 import format_int8
+
+        lines += ["", format_int8(report["int8"])]
     return "\n".join(lines)

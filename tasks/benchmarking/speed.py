@@ -6,6 +6,8 @@ A row is one model under one treatment:
   convolution before it, weights channels-last, eval mode), as ``tasks.deploy`` prepares exports.
   Ours always run so; torchvision's too, so that the ratios compare architectures, not set-ups
   (the folding works on torchvision's ``Conv2dNormActivation`` blocks unchanged).
+* ``folded, channels-first``: ours folded but with the weights left channels-first, the row
+  that measures what channels-last alone brings.
 * ``as shipped``: torchvision's model in eval mode and nothing else, as users download it.
 
 Each row is measured in a fresh interpreter (:func:`run_models`), so caches and the peak resident
@@ -13,7 +15,15 @@ memory of one model do not leak into the next. Columns: parameters and multiply-
 unfolded network, as the paper counts), the network alone at batch 1 (detection: without
 post-processing), eager PyTorch at batch 1 and 8 (detection: with score threshold, top-k and
 NMS), ``torch.compile`` at batch 1 (with how many graphs it compiled) and ONNX Runtime at batch
-1 and 8. Weights are random: trained weights are not downloaded here.
+1 and 8.
+
+Detection rows time trained detectors on real images (``weights``): with random weights
+torchvision's per-class NMS receives up to 27,000 boxes per image, and post-processing time
+depends on how many boxes pass the score threshold. The weights are the learning-speed
+ablation's step-400 runs of ``ours`` and ``torchvision`` (the synthetic config: 6 classes, 320x320;
+:func:`trained_detectors` trains them once into ``runs/ablation``), timed on the synthetic
+validation images. Segmentation has no data-dependent post-processing: random weights, random
+images. Trained weights cannot be downloaded here.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from tasks.timing import latency_stats, timed_runs
 ROOT = Path(__file__).resolve().parents[2]
 
 FOLDED = "folded"
+FOLDED_CHANNELS_FIRST = "folded, channels-first"
 AS_SHIPPED = "as shipped"
 
 # Ours come from the paper configs (built one way: tasks.configs), at torchvision's input sizes;
@@ -54,11 +65,17 @@ TORCHVISION_SIZES = {
     "tv_lraspp_mobilenet_v3_large": 512,
     "tv_deeplabv3_mobilenet_v3_large": 512,
 }
+# The synthetic config's validation images (data.root of configs/ssdlite_mobilenetv2_synthetic.yaml).
+SYNTHETIC_VALIDATION = ROOT / "data" / "synthetic" / "coco" / "val2017"
+# The ablation variant whose trained weights each detection row loads (tasks.benchmarking.ablation).
+TRAINED_DETECTORS = {"ours_ssdlite_mobilenetv2": "ours", "tv_ssdlite320_mobilenet_v3_large": "torchvision"}
 ROWS: tuple[tuple[str, str], ...] = (
     ("ours_ssdlite_mobilenetv2", FOLDED),
+    ("ours_ssdlite_mobilenetv2", FOLDED_CHANNELS_FIRST),
     ("tv_ssdlite320_mobilenet_v3_large", FOLDED),
     ("tv_ssdlite320_mobilenet_v3_large", AS_SHIPPED),
     ("ours_deeplabv3_mobilenetv2", FOLDED),
+    ("ours_deeplabv3_mobilenetv2", FOLDED_CHANNELS_FIRST),
     ("tv_lraspp_mobilenet_v3_large", FOLDED),
     ("tv_lraspp_mobilenet_v3_large", AS_SHIPPED),
     ("tv_deeplabv3_mobilenet_v3_large", FOLDED),
@@ -79,8 +96,9 @@ class Contender:
     model: nn.Module
     size: int
     call: Callable[[nn.Module, Tensor], Any]
-    images: Callable[[int, int], Tensor]  # (batch, side) -> random images in the range the model expects
+    images: Callable[[int, int], Tensor]  # (batch, side) -> images in the range the model expects
     is_detector: bool
+    classes: int  # logits per anchor or pixel, background included
 
 
 def _pixels(batch: int, size: int) -> Tensor:
@@ -98,6 +116,23 @@ def _normalised(batch: int, size: int) -> Tensor:
     return torch.randn(batch, 3, size, size)
 
 
+def validation_images(batch: int, size: int) -> Tensor:
+    """The first ``batch`` synthetic validation images (COCO-format set of the synthetic config),
+    resized to ``size`` x ``size``, RGB 0..255: what the trained detectors are timed on."""
+    from torchvision.io import ImageReadMode, read_image
+    from torchvision.transforms.v2.functional import resize
+
+    files = sorted(SYNTHETIC_VALIDATION.glob("*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"{SYNTHETIC_VALIDATION}: no images (training the ablation writes them)")
+    images = [read_image(str(files[i % len(files)]), ImageReadMode.RGB) for i in range(batch)]
+    return torch.stack([resize(image, [size, size], antialias=True) for image in images]).float()
+
+
+def _validation_unit(batch: int, size: int) -> Tensor:
+    return validation_images(batch, size) / 255
+
+
 def _forward(model: nn.Module, images: Tensor) -> Any:
     return model(images)
 
@@ -106,15 +141,18 @@ def _detect(model: nn.Module, images: Tensor) -> Any:
     return model.detect(images)
 
 
-def build(name: str) -> Contender:
-    """The model ``name`` in eval mode, as its builder makes it (random weights)."""
+def build(name: str, weights: str | None = None) -> Contender:
+    """The model ``name`` in eval mode: random weights as its builder makes them, or a detector
+    with the trained ``weights`` of its ablation run (a task state dict), fed validation images."""
+    if weights is not None:
+        return _trained_detector(name, Path(weights))
     if name in OURS:
         from tasks.configs import instantiate_config
 
         config, size, overrides = OURS[name]
         model = instantiate_config(config, overrides)[0].network.eval()
         is_detector = name.endswith("ssdlite_mobilenetv2")
-        return Contender(model, size, _detect if is_detector else _forward, _pixels, is_detector)
+        return Contender(model, size, _detect if is_detector else _forward, _pixels, is_detector, model.num_classes)
     if name not in TORCHVISION_SIZES:
         raise ValueError(f"unknown model {name}; choose from {', '.join([*OURS, *TORCHVISION_SIZES])}")
     import torchvision.models.detection as tvdet
@@ -123,20 +161,49 @@ def build(name: str) -> Contender:
     size = TORCHVISION_SIZES[name]
     if name == "tv_ssdlite320_mobilenet_v3_large":
         model = tvdet.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
-        return Contender(model, size, _forward, _unit, True)
+        return Contender(model, size, _forward, _unit, True, 91)
     model = getattr(tvseg, name.removeprefix("tv_"))(weights=None, weights_backbone=None, aux_loss=False).eval()
-    return Contender(model, size, _forward, _normalised, False)
+    return Contender(model, size, _forward, _normalised, False, 21)
+
+
+def _trained_detector(name: str, weights: Path) -> Contender:
+    """``name``'s ablation network with ``weights``; torchvision's as its own ``SSD`` object."""
+    from tasks.benchmarking.ablation import VARIANTS, build as build_variant
+    from tasks.benchmarking.training_speed import SYNTHETIC_CONFIGS
+
+    if name not in TRAINED_DETECTORS:
+        raise ValueError(f"trained weights are for the detectors {', '.join(TRAINED_DETECTORS)}, not {name}")
+    (variant,) = [v for v in VARIANTS if v.name == TRAINED_DETECTORS[name]]
+    task = build_variant(variant, 0, None, SYNTHETIC_CONFIGS["detection"])[0]
+    task.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network = task.network.eval()
+    if name in OURS:
+        network.head.detections_per_image = 300  # torchvision's SSDLite budget, as the paper-config row
+        return Contender(network, network.image_size, _detect, validation_images, True, network.num_classes)
+    return Contender(network.ssd.eval(), network.image_size, _forward, _validation_unit, True, network.num_classes)
+
+
+def trained_detectors(ablation_out: Path, log: Callable[[str], None] = print) -> dict[str, str]:
+    """The detection rows' weights: the step-400 seed-0 weights of the ablation's ``ours`` and
+    ``torchvision`` runs under ``ablation_out``, trained there first when missing (about 20 minutes)."""
+    from tasks.benchmarking.ablation import run_ablation
+
+    run_ablation(ablation_out, variants=list(TRAINED_DETECTORS.values()), seeds=(0,), log=log)
+    return {name: str(ablation_out / variant / "seed0" / "step400.pt") for name, variant in TRAINED_DETECTORS.items()}
 
 
 def apply_treatment(model: nn.Module, treatment: str) -> nn.Module:
-    """``model`` as a row times it: :data:`FOLDED` (an optimised copy) or :data:`AS_SHIPPED` (itself, eval)."""
+    """``model`` as a row times it: :data:`FOLDED` (an optimised copy), :data:`FOLDED_CHANNELS_FIRST`
+    (the copy without channels-last) or :data:`AS_SHIPPED` (itself, eval)."""
     if treatment == AS_SHIPPED:
         return model.eval()
-    if treatment == FOLDED:
-        from tasks.deploy import optimize_for_inference
+    from tasks.deploy import fuse_conv_bn, optimize_for_inference
 
+    if treatment == FOLDED:
         return optimize_for_inference(model)
-    raise ValueError(f"treatment must be {FOLDED!r} or {AS_SHIPPED!r}, got {treatment!r}")
+    if treatment == FOLDED_CHANNELS_FIRST:  # ours are built channels-last: undo it
+        return fuse_conv_bn(model).to(memory_format=torch.contiguous_format)
+    raise ValueError(f"treatment must be {FOLDED!r}, {FOLDED_CHANNELS_FIRST!r} or {AS_SHIPPED!r}, got {treatment!r}")
 
 
 class RawOutputs(nn.Module):
@@ -219,23 +286,24 @@ def compiled_graphs() -> int:
 
 def bench_model(
     name: str, treatment: str, runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool,
-    size: int | None = None,
+    size: int | None = None, weights: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Measure one row in this process (:func:`run_models` runs each in a fresh one).
 
     ``size`` replaces the model's input side (the tests run small); torchvision's SSD resizes
-    every input to 320 itself.
+    every input to 320 itself. ``weights``: a trained detector's (:func:`trained_detectors`).
     """
     from tasks.complexity import count
 
     torch.set_num_threads(threads)
-    contender = build(name)
+    contender = build(name, weights)
     contender.size = size or contender.size
     counted = RawOutputs(contender.model) if name.startswith("tv_ssdlite") else contender.model
     counts = count(counted, contender.size)  # before folding: the paper counts BatchNorm parameters
     contender.model = apply_treatment(contender.model, treatment)
     model, call, size = contender.model, contender.call, contender.size
-    row: dict[str, Any] = {"model": name, "treatment": treatment, "input": size}
+    row: dict[str, Any] = {"model": name, "treatment": treatment, "input": size, "classes": contender.classes}
+    row["weights"] = "trained" if weights else "random"
     row.update(params=counts["params"], madds=counts["madds"])
     one, eight = contender.images(1, size), contender.images(8, size)
     batch_runs = max(1, runs // 4)
@@ -287,13 +355,15 @@ _CHILD = (
 
 def run_models(
     rows: Sequence[tuple[str, str]], runs: int, warmup: int, threads: int, use_compile: bool, use_onnx: bool,
-    size: int | None = None, log: Callable[[str], None] = print,
+    size: int | None = None, weights: dict[str, str] | None = None, log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """:func:`bench_model` for each (model, treatment) row, each in a fresh interpreter."""
+    """:func:`bench_model` for each (model, treatment) row, each in a fresh interpreter
+    (``weights``: trained weights by model name, :func:`trained_detectors`)."""
     results = []
     for name, treatment in rows:
         options = {"name": name, "treatment": treatment, "runs": runs, "warmup": warmup, "threads": threads,
-                   "use_compile": use_compile, "use_onnx": use_onnx, "size": size}  # fmt: skip
+                   "use_compile": use_compile, "use_onnx": use_onnx, "size": size,
+                   "weights": (weights or {}).get(name)}  # fmt: skip
         log(f"  {name} ({treatment}) ...")
         command = [sys.executable, "-c", _CHILD, json.dumps(options)]
         output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)

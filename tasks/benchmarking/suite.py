@@ -13,7 +13,7 @@ import torch
 from tasks.benchmarking.training_speed import ROOT, SYNTHETIC_CONFIGS
 
 SECTIONS = ("models", "train", "train_step", "data", "eval")  # the default run
-ON_REQUEST = ("convergence", "ablation")  # 20 minutes to hours: only when asked for
+ON_REQUEST = ("convergence", "ablation", "int8")  # 20 minutes to hours: only when asked for
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Options:
     ablation_variants: Sequence[str] | None = None  # all of tasks.benchmarking.ablation.VARIANTS
     ablation_seeds: Sequence[int] = (0, 1)
     ablation_out: Path = ROOT / "runs" / "ablation"
+    trained_detectors: bool = True  # models and int8: detectors with the ablation's trained weights
+    int8_weights: dict[str, Path] = field(default_factory=dict)  # int8: model name -> trained weights
+    calibration_images: int = 256  # int8: training images to calibrate on
+    int8_out: Path = ROOT / "runs" / "int8"
 
 
 def check_sections(sections: Sequence[str]) -> None:
@@ -54,9 +58,10 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
     if "models" in sections:
         from tasks.benchmarking.speed import ROWS, run_models
 
+        weights = _trained_detectors(options, log)
         log("models:")
         report["models"] = run_models(
-            ROWS, options.runs, options.warmup, options.threads, options.compile, options.onnx, log=log
+            ROWS, options.runs, options.warmup, options.threads, options.compile, options.onnx, weights=weights, log=log
         )
     if "train" in sections or "data" in sections:
         from tasks.benchmarking.training_speed import bench_data, bench_train, synthetic_root
@@ -97,4 +102,25 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
         )  # fmt: skip
         report["ablation"] = results
         plot_curves(results, options.ablation_out / "curves.png")
+    if "int8" in sections:
+        from tasks.benchmarking.int8 import Int8Options, run_int8
+
+        log("int8: float and INT8 ONNX files of ours and torchvision's models ...")
+        weights = {**(_trained_detectors(options, log) or {}), **options.int8_weights}
+        report["int8"] = run_int8(
+            Int8Options(weights={name: Path(path) for name, path in weights.items()},
+                        calibration_images=options.calibration_images, out=options.int8_out,
+                        threads=options.threads, runs=options.runs, warmup=options.warmup),
+            log=log,
+        )  # fmt: skip
     return report
+
+
+def _trained_detectors(options: Options, log: Callable[[str], None]) -> dict[str, str] | None:
+    """The detectors' trained weights by model name (the ablation's runs), or None when not wanted."""
+    if not options.trained_detectors:
+        return None
+    from tasks.benchmarking.speed import trained_detectors
+
+    log(f"trained detectors from {options.ablation_out} (trained there first if missing) ...")
+    return trained_detectors(options.ablation_out, log)

@@ -9,6 +9,7 @@ from tasks.networks.detector import SSDLite, SSDLiteMobileNetV2
 from tasks.networks.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from tasks.networks.segmenter import DeepLabV3MobileNetV2, Segmenter, segment_probs
 from tasks.networks.torchvision_detectors import MobileNetV3LargeFeatures, SSDLiteMobileNetV3, TorchvisionSSDLite
+from tasks.networks.torchvision_segmenters import TorchvisionLRASPP
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -21,5 +22,6 @@ __all__ = [
     "SSDLiteMobileNetV3",
     "Segmenter",
     "TorchvisionSSDLite",
+    "TorchvisionLRASPP",
     "segment_probs",
 ]

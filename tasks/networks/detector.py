@@ -92,6 +92,18 @@ class SSDLite(nn.Module):
         return self.postprocess(self(images), image_sizes)
 
 
+def apply_backbone_init(backbone: nn.Module, init: Literal["kaiming", "normal"]) -> None:
+    """Keep ``backbone``'s own (Kaiming) init, or draw every conv weight from N(0, 0.03) for
+    ``"normal"``: torchvision's SSDLite init for a backbone trained from scratch, which learned
+    0.05 AP faster on the synthetic set (README, "Learning speed against torchvision's SSDLite")."""
+    if init not in ("kaiming", "normal"):
+        raise ValueError(f"backbone_init must be 'kaiming' or 'normal', got {init!r}")
+    if init == "normal":
+        for module in backbone.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.03)
+
+
 class SSDLiteMobileNetV2(Buildable, SSDLite):
     """MobileNetV2 + SSDLite (section 6.2): taps ``c4_expand`` (layer 15's expansion, stride 16)
     and ``final_conv`` (the 1280-channel conv, stride 32), then four extra layers.
@@ -126,15 +138,10 @@ class SSDLiteMobileNetV2(Buildable, SSDLite):
         backbone_init: Literal["kaiming", "normal"] = "kaiming",
         **head_options: Any,
     ) -> None:
-        if backbone_init not in ("kaiming", "normal"):
-            raise ValueError(f"backbone_init must be 'kaiming' or 'normal', got {backbone_init!r}")
         backbone = MobileNetV2(
             width_mult=width_mult, out_features=("c4_expand", "final_conv"), frozen_stages=frozen_stages
         )
-        if backbone_init == "normal":
-            for module in backbone.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.normal_(module.weight, std=0.03)
+        apply_backbone_init(backbone, backbone_init)
         depths = [max(int(depth * width_mult), min_depth) for depth in extra_depths]
         head = SSDLiteHead(backbone.output_shape(), num_classes=num_classes, extra_depths=depths, **head_options)
         super().__init__(backbone, head, image_size)

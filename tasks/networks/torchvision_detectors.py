@@ -40,7 +40,13 @@ from torchvision.ops import box_iou
 from backbones import Backbone, FeatureSpec, MobileNetV2
 from heads.ssdlite import SSDLiteHead
 from tasks.buildable import Buildable
-from tasks.networks.detector import COCO_NUM_CLASSES_CATEGORY_IDS, MIN_DEPTH, SSDLITE_EXTRA_DEPTHS, SSDLite
+from tasks.networks.detector import (
+    COCO_NUM_CLASSES_CATEGORY_IDS,
+    MIN_DEPTH,
+    SSDLITE_EXTRA_DEPTHS,
+    SSDLite,
+    apply_backbone_init,
+)
 from tasks.networks.normalize import Normalize
 
 # torchvision's SSDLite-MobileNetV3 normalisation: [0, 1] pixels to [-1, 1] (its image_mean / image_std).
@@ -167,6 +173,9 @@ class TorchvisionSSDLite(Buildable, nn.Module):
         num_classes: logits per anchor, background included.
         image_size: the input side the network is meant for (torchvision's: 320).
         backbone: ``"mobilenet_v3_large"`` (torchvision's model) or ``"mobilenet_v2"`` (ours).
+        backbone_init: for ``"mobilenet_v2"``: ``"kaiming"`` (its reference init) or ``"normal"``
+            (N(0, 0.03), what torchvision does to a backbone trained from scratch, as
+            :class:`~tasks.networks.SSDLiteMobileNetV2`'s option); MobileNetV3 always gets ``"normal"``.
         score_threshold, nms_threshold, topk_candidates, detections_per_image: torchvision's
             ``score_thresh``, ``nms_thresh``, ``topk_candidates`` (per class, before NMS) and
             ``detections_per_img``; the defaults are its SSDLite's.
@@ -178,6 +187,7 @@ class TorchvisionSSDLite(Buildable, nn.Module):
         num_classes: int = COCO_NUM_CLASSES_CATEGORY_IDS,
         image_size: int = 320,
         backbone: Literal["mobilenet_v3_large", "mobilenet_v2"] = "mobilenet_v3_large",
+        backbone_init: Literal["kaiming", "normal"] = "normal",
         score_threshold: float = 0.001,
         nms_threshold: float = 0.55,
         topk_candidates: int = 300,
@@ -188,7 +198,9 @@ class TorchvisionSSDLite(Buildable, nn.Module):
             ssd = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
             self.normalize = Normalize(TORCHVISION_SSDLITE_MEAN, TORCHVISION_SSDLITE_STD)
         elif backbone == "mobilenet_v2":
-            features = MobileNetV2TorchvisionExtras(MobileNetV2(out_features=("c4_expand", "final_conv")))
+            ours = MobileNetV2(out_features=("c4_expand", "final_conv"))
+            apply_backbone_init(ours, backbone_init)
+            features = MobileNetV2TorchvisionExtras(ours)
             anchor_generator = DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95)
             head = TorchvisionSSDLiteHead(
                 features.out_channels, anchor_generator.num_anchors_per_location(), num_classes, TORCHVISION_SSDLITE_NORM
