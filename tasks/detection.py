@@ -108,13 +108,13 @@ class SSDLiteDetection(DenseTask):
                 metric.set_ground_truth(info.coco_ground_truth[split], info.label_to_category_id)
 
     # ------------------------------------------------------------------ steps
-    def _losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def training_losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
         losses = self.network.loss(outputs, batch["targets"], tuple(batch["images"].shape[-2:]))
         losses["loss"] = losses["loss_cls"] + self.hparams.box_loss_weight * losses["loss_box"]
         return losses
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        losses = self._losses(self.network(batch["images"]), batch)
+        losses = self.training_losses(self.network(batch["images"]), batch)
         batch_size = batch["images"].shape[0]
         for name in ("loss", "loss_cls", "loss_box"):
             self.log(f"train/{name}", losses[name], prog_bar=True, batch_size=batch_size)
@@ -130,7 +130,7 @@ class SSDLiteDetection(DenseTask):
                 f"task.metrics['{stage}'].set_ground_truth(...)"
             )
         outputs = self.network(batch["images"])
-        losses = self._losses(outputs, batch)
+        losses = self.training_losses(outputs, batch)
         self.log(f"{stage}/loss", losses["loss"], batch_size=batch["images"].shape[0], sync_dist=True)
         # Normalised boxes map straight onto the original images: COCO results need their pixels.
         detections = self.network.postprocess(outputs, batch["image_sizes"])

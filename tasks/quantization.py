@@ -47,7 +47,7 @@ import contextlib
 import io
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +200,7 @@ def quantize(
     *,
     calibrator: str = "minmax",
     activations: Literal["uint8", "int8"] = "uint8",
+    fine_tuning: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the INT8 (QDQ) version of the float ONNX file ``float_path`` to ``out``.
 
@@ -209,6 +210,8 @@ def quantize(
         images: calibration images (:func:`calibration_images`).
         calibrator: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (:data:`CALIBRATORS`).
         activations: ``"uint8"`` or ``"int8"`` activations (weights are always int8 per channel).
+        fine_tuning: how ``float_path``'s weights were fine-tuned for INT8, if they were
+            (:func:`tasks.qat.finetune`'s report), kept in the file's metadata.
 
     Raises:
         ValueError: no calibration images, an unknown calibrator, or a file without the
@@ -257,6 +260,7 @@ def quantize(
             "calibrator": calibrator,
             "calibration_images": len(images),
             "float": "input normalisation, detection post-processing, segmentation upsampling and argmax",
+            **({"quantization_aware_fine_tuning": dict(fine_tuning)} if fine_tuning else {}),
         }
     )
     onnx.helper.set_model_props(model, metadata)

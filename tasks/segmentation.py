@@ -65,11 +65,14 @@ class DeepLabV3Segmentation(DenseTask):
         return MeanIoU(self.network.num_classes, ignore_index=self.network.head.ignore_index)
 
     # ------------------------------------------------------------------ training
+    def training_losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        losses = self.network.loss(outputs, batch["masks"])
+        return {**losses, "loss": sum(losses.values())}
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        images, masks = batch["images"], batch["masks"]
-        losses = self.network.loss(self.network(images), masks)
-        loss = sum(losses.values())
-        batch_size = images.shape[0]
+        losses = self.training_losses(self.network(batch["images"]), batch)
+        loss = losses.pop("loss")
+        batch_size = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if len(losses) > 1:
             self.log_dict({f"train/{name}": value for name, value in losses.items()}, batch_size=batch_size)

@@ -140,6 +140,12 @@ class DenseTask(LightningModule, ABC):
         ``tools/test.py``'s prediction files reuse them)."""
 
     @abstractmethod
+    def training_losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The losses of a training batch from the network's ``outputs`` on ``batch["images"]``,
+        their total under ``"loss"``: what :meth:`training_step` and quantisation-aware
+        fine-tuning (:mod:`tasks.qat`, another network's outputs) minimise."""
+
+    @abstractmethod
     def log_metric(self, metric: Metric, stage: str) -> None:
         """Log ``metric.compute()`` under ``{stage}/...``."""
 

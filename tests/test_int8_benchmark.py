@@ -159,13 +159,37 @@ def test_weights_that_do_not_fit_are_refused_naming_the_file(tmp_path: Path) -> 
         int8.load_weights(task, path)
 
 
+def test_quantisation_aware_fine_tuning_scores_a_third_file_beside_float_and_int8(
+    synthetic_voc: Path, tmp_path: Path
+) -> None:
+    model = next(model for model in int8.MODELS if model.name == int8.OURS_SEGMENTER)
+    overrides = [*OVERRIDES[model.name], "--data.crop_size=65", "--data.batch_size=2", f"--data.root={synthetic_voc}"]
+    task, _ = instantiate_config(SYNTHETIC_CONFIGS[model.task], overrides)
+    torch.save(task.state_dict(), tmp_path / "weights.pt")
+    options = int8.Int8Options(
+        weights={model.name: tmp_path / "weights.pt"}, calibration_images=2, parity_images=2, segmentation_size=64,
+        threads=1, runs=1, warmup=0, out=tmp_path / "files", data_roots={"segmentation": synthetic_voc},
+        overrides={model.name: overrides[:3]}, qat_steps=1,
+    )  # fmt: skip
+    result = int8.run_int8(options, models=[model], log=lambda message: None)
+    (row,) = result["models"]
+    assert row["qat_steps"] == 1 and Path(row["qat_int8_file"]).is_file()
+    assert Path(row["qat_int8_file"]).read_bytes() != Path(row["int8_file"]).read_bytes()
+    assert (tmp_path / "files" / "eval" / f"{model.name}.qat_int8" / "metrics.json").is_file()
+    table = int8.format_int8(result)
+    assert "| int8 after 1 QAT steps | QAT int8 - float |" in table
+    found = row["accuracy"]
+    assert f"| {found['qat_int8']:.4f} | {found['qat_int8'] - found['float']:+.4f} |" in table
+
+
 def test_the_benchmark_tool_accepts_the_section_and_its_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     argv = ["--only", "int8", "--runs", "3", "--int8-weights", f"{int8.TV_SEGMENTER}={weights}",
-            "--calibration-images", "7", "--random-detectors", "--json", str(tmp_path / "report.json")]  # fmt: skip
+            "--calibration-images", "7", "--qat-steps", "5", "--random-detectors",
+            "--json", str(tmp_path / "report.json")]  # fmt: skip
     sections, options, _ = benchmark.parse_args(argv)
     assert sections == ["int8"] and options.runs == 3
     seen: list[int8.Int8Options] = []
@@ -177,7 +201,7 @@ def test_the_benchmark_tool_accepts_the_section_and_its_options(
     monkeypatch.setattr(int8, "run_int8", fake_run)
     report = benchmark.main(argv)
     assert "int8" in report and seen[0].weights == {int8.TV_SEGMENTER: weights}
-    assert (seen[0].calibration_images, seen[0].runs) == (7, 3)
+    assert (seen[0].calibration_images, seen[0].runs, seen[0].qat_steps) == (7, 3, 5)
     assert "| model | float ms b1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--only", "int8", "--int8-weights", f"nonsense={weights}"])

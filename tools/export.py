@@ -6,6 +6,7 @@
     python tools/export.py CHECKPOINT --out model.pt                       # TorchScript (.pt, .ts)
     python tools/export.py CHECKPOINT --out model.onnx --int8              # and model.int8.onnx
         [--calibration-images 256] [--calibration-data DIR] [--calibrator minmax|entropy|percentile]
+        [--qat-steps 300 [--qat-lr 1e-4]]                                  # quantisation-aware first
 
 The format follows the extension (``--format`` must agree with it). Inputs are ``images``
 Float[N, 3, H, W], RGB 0..255 (the model normalises inside); the batch is dynamic (and, for
@@ -25,12 +26,19 @@ of the same source and prints its parity report against the float file (matched 
 box / score differences, or pixel agreement), the sizes on disk and both latencies; an INT8
 file that disagrees beyond quantisation noise stops the tool with exit status 1 (the file stays,
 for inspection). Its accuracy on the validation split: ``tools/test.py model.int8.onnx --data CHECKPOINT``.
+
+``--qat-steps N`` first fine-tunes a copy of the network for N steps on the training split with
+fake quantisation (torchao's PT2E QAT, ``tasks.qat``), for when post-training quantisation loses
+too much accuracy; the INT8 file is then quantised from that copy, calibrated the same way, and
+its parity report is still against ``model.onnx``, the checkpoint's own float model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     int8.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="activation type (weights: int8)")
     int8.add_argument(
+        "--qat-steps", type=int, default=0,
+        help="quantisation-aware fine-tuning steps on the training split before quantising (default 0: none)",
+    )  # fmt: skip
+    int8.add_argument("--qat-lr", type=float, help="its starting learning rate (default: tasks.qat.LEARNING_RATE)")
+    int8.add_argument(
         "--min-agreement", type=float,
         help="least share of the float model's detections (score >= 0.3) found by INT8, or of pixels labelled "
         "alike (default 0.9); below it the tool fails",
@@ -83,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{args.out}: --int8 quantises ONNX files; name the output NAME.onnx")
         if args.int8 and args.calibration_images < 1:
             raise ValueError(f"calibration needs at least one image, got --calibration-images {args.calibration_images}")
+        if args.qat_steps and not args.int8:
+            raise ValueError("--qat-steps fine-tunes for the INT8 file: add --int8")
+        if args.qat_steps < 0:
+            raise ValueError(f"--qat-steps must be 0 (none) or more, got {args.qat_steps}")
         task = load_task(args.checkpoint)
         module, example, dynamic_size = deploy.exportable(
             task.network, task.label_names(), raw=args.raw, output=args.output, input_size=args.input_size
@@ -115,14 +132,20 @@ def export_int8(args: argparse.Namespace, task: Any) -> dict[str, Any]:
     out = quantization.int8_file_name(args.out)
     try:
         if args.calibration_data:
-            paths, source = image_paths(args.calibration_data), "given"
+            paths, kind = image_paths(args.calibration_data), "given"
         else:
-            paths, source = quantization.training_image_files(args.checkpoint, args.data_root), "training"
+            paths, kind = quantization.training_image_files(args.checkpoint, args.data_root), "training"
         calibration, held_out = quantization.split_images(paths, args.calibration_images)
         images = quantization.calibration_images(task, calibration)
-        quantization.quantize(args.out, out, images, calibrator=args.calibrator, activations=args.activations)
+        with tempfile.TemporaryDirectory(prefix="mobiledense-qat-") as folder:
+            source, fine_tuning = args.out, None
+            if args.qat_steps:
+                source, fine_tuning = quantization_aware_export(args, task, Path(folder))
+            quantization.quantize(
+                source, out, images, calibrator=args.calibrator, activations=args.activations, fine_tuning=fine_tuning
+            )
         checks = quantization.calibration_images(task, held_out)
-        report = quantization.parity(args.out, out, checks, threads=args.threads)
+        report = quantization.parity(args.out, out, checks, threads=args.threads)  # against the checkpoint's own
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -131,8 +154,11 @@ def export_int8(args: argparse.Namespace, task: Any) -> dict[str, Any]:
     report["onnx_ms"] = deploy.median_ms(lambda: float_run(one))
     report["int8_ms"] = deploy.median_ms(lambda: int8_run(one))
     held = "the calibration images" if held_out == calibration else "held out"
+    tuned = ""
+    if fine_tuning:
+        tuned = f"after {fine_tuning['steps']} quantisation-aware steps (last loss {fine_tuning['loss']:.3f}), "
     print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, INT8: calibrated on {len(images)} {source} images, "
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, INT8: {tuned}calibrated on {len(images)} {kind} images, "
         f"{args.calibrator}, {args.activations} activations; parity on {len(checks)} images, {held})"
     )
     for line in deploy.parity_report(report):
@@ -143,7 +169,27 @@ def export_int8(args: argparse.Namespace, task: Any) -> dict[str, Any]:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    if fine_tuning:
+        report["qat"] = fine_tuning
     return report
+
+
+def quantization_aware_export(args: argparse.Namespace, task: Any, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune a copy of ``task`` with fake quantisation (:func:`tasks.qat.finetune`) on its
+    training split and export it as ``args.out`` is exported, into ``folder``; return the file
+    and the fine-tune's report. ``args.out`` stays the checkpoint's own float model."""
+    from tasks import qat
+    from tasks.evaluation.checkpoint import load_datamodule
+
+    tuned = copy.deepcopy(task)
+    datamodule = load_datamodule(args.checkpoint, root=args.data_root, persistent_workers=False)
+    report = qat.finetune(tuned, datamodule, args.qat_steps, qat.LEARNING_RATE if args.qat_lr is None else args.qat_lr)
+    module, example, dynamic_size = deploy.exportable(
+        tuned.network, tuned.label_names(), raw=args.raw, output=args.output, input_size=args.input_size
+    )
+    path = folder / args.out.name
+    deploy.export(module, example, path, "onnx", dynamic_size)
+    return path, report
 
 
 if __name__ == "__main__":

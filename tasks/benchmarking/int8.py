@@ -119,6 +119,9 @@ class Int8Options:
         out: folder of the ONNX files (kept: their sizes are the report's) and of the evaluations.
         data_roots: ``detection`` / ``segmentation`` -> the synthetic data's folder (default: the configs').
         overrides: model name -> more config overrides (the tests shrink the models).
+        qat_steps: with trained weights, also fine-tune a copy for this many steps with fake
+            quantisation (:func:`tasks.qat.finetune`, as ``tools/export.py --qat-steps``) and
+            score its INT8 file beside the post-training one (0: no QAT).
     """
 
     weights: Mapping[str, Path] = field(default_factory=dict)
@@ -132,6 +135,7 @@ class Int8Options:
     out: Path = ROOT / "runs" / "int8"
     data_roots: Mapping[str, Path] = field(default_factory=dict)
     overrides: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    qat_steps: int = 0
 
 
 # ---------------------------------------------------------------------------- torchvision's SSDLite
@@ -343,7 +347,9 @@ def run_int8(
         None), ``input`` (the timed ``[H, W]``), ``float_file`` / ``int8_file`` and their
         ``float_bytes`` / ``int8_bytes``, ``float_b1`` / ``int8_b1`` / ``float_b8`` / ``int8_b8``
         (:func:`tasks.timing.latency_stats`), ``parity`` (:func:`tasks.quantization.parity`) and,
-        with trained weights, ``accuracy``: ``{"metric", "float", "int8"}``.
+        with trained weights, ``accuracy``: ``{"metric", "float", "int8"}`` (and ``"qat_int8"``, the
+        quantisation-aware file's, with ``qat_int8_file`` and ``qat_steps`` in the row, when
+        ``options.qat_steps`` is set).
 
     Raises:
         ValueError: an unknown model name in ``options.weights`` or ``options.overrides``.
@@ -413,6 +419,9 @@ def prepare(model: Int8Model, options: Int8Options, out: Path) -> tuple[dict[str
         side = options.segmentation_size
         timed = {batch: (torch.rand(batch, 3, side, side, generator=generator) * 255).numpy() for batch in BATCHES}
     path = options.weights.get(model.name)
+    qat_file = None
+    if options.qat_steps and path is not None:
+        qat_file = quantization_aware_file(task, datamodule, size, calibration, options, out / f"{model.name}.qat.onnx")
     row = {
         "model": model.name,
         "task": model.task,
@@ -423,8 +432,33 @@ def prepare(model: Int8Model, options: Int8Options, out: Path) -> tuple[dict[str
         "float_bytes": float_path.stat().st_size,
         "int8_bytes": int8_path.stat().st_size,
         "parity": parity,
+        **({"qat_int8_file": str(qat_file), "qat_steps": options.qat_steps} if qat_file else {}),
     }
     return row, timed
+
+
+def quantization_aware_file(
+    task: LightningModule,
+    datamodule: LightningDataModule,
+    size: int | None,
+    calibration: Sequence[Path],
+    options: Int8Options,
+    float_path: Path,
+) -> Path:
+    """The INT8 file of a copy of ``task`` fine-tuned with fake quantisation (:mod:`tasks.qat`),
+    exported and calibrated like the post-training file; ``float_path`` gets its float export."""
+    import copy
+
+    from tasks import qat
+
+    tuned = copy.deepcopy(task)
+    qat.finetune(tuned, datamodule, options.qat_steps, progress=False)
+    module, example, dynamic = exportable_network(tuned, size)
+    deploy.export_onnx(module, example, float_path, dynamic)
+    int8_path = quantization.int8_file_name(float_path)
+    images = quantization.calibration_images(tuned, calibration)
+    quantization.quantize(float_path, int8_path, images, calibrator=options.calibrator)
+    return int8_path
 
 
 def accuracy(row: Mapping[str, Any], options: Int8Options, out: Path) -> dict[str, Any]:
@@ -435,7 +469,7 @@ def accuracy(row: Mapping[str, Any], options: Int8Options, out: Path) -> dict[st
     metric = METRICS[row["task"]]
     root = options.data_roots.get(row["task"])
     result: dict[str, Any] = {"metric": metric}
-    for precision in ("float", "int8"):
+    for precision in ("float", "int8", "qat_int8") if "qat_int8_file" in row else ("float", "int8"):
         metrics, _ = evaluate_exported(
             row[f"{precision}_file"], SYNTHETIC_CONFIGS[row["task"]], out / "eval" / f"{row['model']}.{precision}",
             data_root=str(root) if root is not None else None, threads=options.threads, progress=False,
@@ -482,11 +516,15 @@ def format_int8(result: Mapping[str, Any]) -> str:
             f"{100 * row['int8_bytes'] / row['float_bytes']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    qat = next((row["qat_steps"] for row in rows if "qat_steps" in row), None)
+    qat_columns = [f"int8 after {qat} QAT steps", "QAT int8 - float"] if qat else []
     lines += [
         "",
-        "| model | INT8 agrees with float (held-out images) | metric | float | int8 | int8 - float |",
-        "|---|---|---|---|---|---|",
-    ]
+        "| " + " | ".join(
+            ["model", "INT8 agrees with float (held-out images)", "metric", "float", "int8", "int8 - float", *qat_columns]
+        ) + " |",
+        "|" + "---|" * (6 + len(qat_columns)),
+    ]  # fmt: skip
     for row in rows:
         found = row.get("accuracy")
         numbers = (
@@ -494,6 +532,9 @@ def format_int8(result: Mapping[str, Any]) -> str:
             if found
             else ["-", "-", "-", "- (random weights)"]
         )
+        if qat:
+            tuned = (found or {}).get("qat_int8")
+            numbers += [f"{tuned:.4f}", f"{tuned - found['float']:+.4f}"] if tuned is not None else ["-", "-"]
         lines.append(f"| {row['model']} | {_agreement(row['parity'])} | " + " | ".join(numbers) + " |")
     return "\n".join([*lines, ""])
 
@@ -529,3 +570,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-images", type=int, default=CALIBRATION_IMAGES, help="int8: training images to calibrate on"
     )
     parser.add_argument("--int8-out", type=Path, default=Int8Options.out, help="int8: folder of the ONNX files")
+    parser.add_argument(
+        "--qat-steps", type=int, default=0,
+        help="int8: also fine-tune each trained model this many steps with fake quantisation and score its INT8 file",
+    )  # fmt: skip

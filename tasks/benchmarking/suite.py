@@ -39,6 +39,7 @@ class Options:
     int8_weights: dict[str, Path] = field(default_factory=dict)  # int8: model name -> trained weights
     calibration_images: int = 256  # int8: training images to calibrate on
     int8_out: Path = ROOT / "runs" / "int8"
+    qat_steps: int = 0  # int8: quantisation-aware fine-tuning steps of the trained models (0: none)
 
 
 def check_sections(sections: Sequence[str]) -> None:
@@ -110,7 +111,8 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
         report["int8"] = run_int8(
             Int8Options(weights={name: Path(path) for name, path in weights.items()},
                         calibration_images=options.calibration_images, out=options.int8_out,
-                        threads=options.threads, runs=options.runs, warmup=options.warmup),
+                        threads=options.threads, runs=options.runs, warmup=options.warmup,
+                        qat_steps=options.qat_steps),
             log=log,
         )  # fmt: skip
     return report
