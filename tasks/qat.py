@@ -9,7 +9,8 @@
    fake-quant graph, so the weights learn the grid they will be rounded to;
 2. :class:`QuantizationAwareFineTune`: a short Lightning fine-tune of that graph on the task's own
    training data and loss (:meth:`tasks.training.DenseTask.training_losses`), SGD with momentum at
-   a small learning rate decayed to zero (cosine);
+   a small learning rate decayed to zero (cosine), BatchNorm statistics frozen by default
+   (:func:`freeze_batch_norm_statistics`);
 3. :func:`copy_weights_back`: the fine-tuned weights and BatchNorm statistics written back into the
    task's float network, parameter by parameter (the captured graph keeps the module's names);
 4. then the same export as without QAT: float ONNX, ONNX Runtime's static quantisation calibrated
@@ -146,13 +147,33 @@ def example_batch(datamodule: LightningDataModule) -> Tensor:
     return next(iter(datamodule.train_dataloader()))["images"]
 
 
+def freeze_batch_norm_statistics(prepared: torch.fx.GraphModule) -> None:
+    """Make the prepared graph's BatchNorms normalise with their running statistics and stop
+    updating them (dropout off too), while every weight, BatchNorm's scale and shift included,
+    still trains: a short fine-tune of a trained model should not move statistics that were
+    estimated on many more images (the synthetic detectors' were re-estimated on 256)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    move_exported_model_to_eval(prepared)
+
+
 def finetune(
-    task: LightningModule, datamodule: LightningDataModule, steps: int, lr: float = LEARNING_RATE, progress: bool = True
+    task: LightningModule,
+    datamodule: LightningDataModule,
+    steps: int,
+    lr: float = LEARNING_RATE,
+    progress: bool = True,
+    *,
+    update_batch_norm: bool = False,
 ) -> dict[str, float]:
     """Quantisation-aware fine-tuning of ``task``'s network in place (see the module docs).
 
+    ``update_batch_norm``: let the BatchNorms normalise with batch statistics and update their
+    running ones, as in training; by default they are frozen (:func:`freeze_batch_norm_statistics`).
+
     Returns:
-        ``steps``, ``lr``, ``fake_quantizers`` (their count) and ``loss`` (the last step's).
+        ``steps``, ``lr``, ``batch_norm`` (``"frozen"`` or ``"updated"``), ``fake_quantizers``
+        (their count) and ``loss`` (the last step's).
 
     Raises:
         ValueError: ``steps`` below 1, or a network torch.export cannot capture.
@@ -161,6 +182,8 @@ def finetune(
         raise ValueError(f"QAT needs at least one step, got --qat-steps {steps}")
     datamodule.setup("fit")
     prepared = prepare_network(task.network, example_batch(datamodule))
+    if not update_batch_norm:
+        freeze_batch_norm_statistics(prepared)
     module = QuantizationAwareFineTune(task, prepared, steps, lr)
     trainer = Trainer(
         max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -171,6 +194,7 @@ def finetune(
     task.network.eval()
     loss = trainer.callback_metrics.get("qat/loss")
     return {
-        "steps": steps, "lr": lr, "fake_quantizers": len(fake_quantizers(prepared)),
+        "steps": steps, "lr": lr, "batch_norm": "updated" if update_batch_norm else "frozen",
+        "fake_quantizers": len(fake_quantizers(prepared)),
         "loss": float(loss) if loss is not None else math.nan,
     }  # fmt: skip

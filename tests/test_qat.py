@@ -76,16 +76,22 @@ def test_matching_the_batch_norm_eps_keeps_what_the_layer_computes_in_evaluation
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
-def test_fine_tuning_trains_the_network_s_own_weights(checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("update_batch_norm", [False, True])
+def test_fine_tuning_trains_the_network_s_own_weights(update_batch_norm: bool, checkpoints: dict[str, Path]) -> None:
     task = load_task(checkpoints["detection"])
     before = copy.deepcopy(task.network.state_dict())
     datamodule = load_datamodule(checkpoints["detection"], num_workers=0, persistent_workers=False)
-    report = qat.finetune(task, datamodule, STEPS, progress=False)
+    report = qat.finetune(task, datamodule, STEPS, progress=False, update_batch_norm=update_batch_norm)
 
     assert report["steps"] == STEPS and report["fake_quantizers"] > 0 and torch.isfinite(torch.tensor(report["loss"]))
+    assert report["batch_norm"] == ("updated" if update_batch_norm else "frozen")
     after = task.network.state_dict()
     convolution_weights = [name for name in before if name.endswith("conv.weight")]
     assert convolution_weights and all(not torch.equal(before[n], after[n]) for n in convolution_weights)
+    # Frozen (the default): the running statistics stay; updated: they move, as in training.
+    statistics = [name for name in before if name.endswith("running_mean")]
+    moved = [name for name in statistics if not torch.equal(before[name], after[name])]
+    assert moved == (statistics if update_batch_norm else [])
     assert not task.network.training
 
 

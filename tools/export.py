@@ -85,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     int8.add_argument("--qat-lr", type=float, help="its starting learning rate (default: tasks.qat.LEARNING_RATE)")
     int8.add_argument(
+        "--qat-update-bn", action="store_true",
+        help="let BatchNorm use and update batch statistics during the fine-tune (default: frozen running statistics)",
+    )  # fmt: skip
+    int8.add_argument(
         "--min-agreement", type=float,
         help="least share of the float model's detections (score >= 0.3) found by INT8, or of pixels labelled "
         "alike (default 0.9); below it the tool fails",
@@ -183,7 +187,8 @@ def quantization_aware_export(args: argparse.Namespace, task: Any, folder: Path)
 
     tuned = copy.deepcopy(task)
     datamodule = load_datamodule(args.checkpoint, root=args.data_root, persistent_workers=False)
-    report = qat.finetune(tuned, datamodule, args.qat_steps, qat.LEARNING_RATE if args.qat_lr is None else args.qat_lr)
+    lr = qat.LEARNING_RATE if args.qat_lr is None else args.qat_lr
+    report = qat.finetune(tuned, datamodule, args.qat_steps, lr, update_batch_norm=args.qat_update_bn)
     module, example, dynamic_size = deploy.exportable(
         tuned.network, tuned.label_names(), raw=args.raw, output=args.output, input_size=args.input_size
     )
