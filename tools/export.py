@@ -6,7 +6,7 @@
     python tools/export.py CHECKPOINT --out model.pt                       # TorchScript (.pt, .ts)
     python tools/export.py CHECKPOINT --out model.onnx --int8              # and model.int8.onnx
         [--calibration-images 256] [--calibration-data DIR] [--calibrator minmax|entropy|percentile]
-        [--qat-steps 300 [--qat-lr 1e-4]]                                  # quantisation-aware first
+        [--qat-steps 300 [--qat-lr 1e-4] [--qat-update-bn]]                # quantisation-aware first
 
 The format follows the extension (``--format`` must agree with it). Inputs are ``images``
 Float[N, 3, H, W], RGB 0..255 (the model normalises inside); the batch is dynamic (and, for
