@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from lightning.pytorch import LightningModule
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -251,6 +252,7 @@ def quantize(
             )
     model = onnx.load(str(out))
     del model.graph.value_info[:]  # quant_pre_process's shape annotations: ONNX Runtime infers them again
+    drop_zero_bias_zero_points(model)
     metadata = {prop.key: prop.value for prop in float_model.metadata_props}
     metadata["quantization"] = json.dumps(
         {
@@ -265,6 +267,30 @@ def quantize(
     )
     onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(out))
+
+
+def drop_zero_bias_zero_points(model: onnx.ModelProto) -> int:
+    """Remove the INT32 zero points of the quantised biases (all zeros, one per output channel)
+    from ``model``'s ``DequantizeLinear`` nodes; return how many were removed.
+
+    ONNX Runtime's quantiser writes them although an absent zero point means 0: they are 3% of
+    the full-width SSDLite's INT8 file (0.10 of its 3.8 MB). ONNX Runtime fuses the convolutions
+    into the same ``QLinearConv`` kernels without them, and the outputs are bit-identical.
+    """
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+    removed = set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[2] not in tensors:
+            continue
+        zero_point = tensors[node.input[2]]
+        if zero_point.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(zero_point).any():
+            removed.add(node.input[2])
+            del node.input[2]
+    still_used = {name for node in model.graph.node for name in node.input}
+    kept = [tensor for tensor in model.graph.initializer if tensor.name not in removed or tensor.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return len(removed)
 
 
 def _batches(images: Sequence[np.ndarray], size: int = 8) -> list[np.ndarray]:
