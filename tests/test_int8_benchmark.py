@@ -188,7 +188,7 @@ def test_the_benchmark_tool_accepts_the_section_and_its_options(
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     argv = ["--only", "int8", "--runs", "3", "--int8-weights", f"{int8.TV_SEGMENTER}={weights}",
-            "--calibration-images", "7", "--qat-steps", "5", "--random-detectors",
+            "--calibration-images", "7", "--calibrator", "entropy", "--qat-steps", "5", "--random-detectors",
             "--json", str(tmp_path / "report.json")]  # fmt: skip
     sections, options, _ = benchmark.parse_args(argv)
     assert sections == ["int8"] and options.runs == 3
@@ -201,7 +201,9 @@ def test_the_benchmark_tool_accepts_the_section_and_its_options(
     monkeypatch.setattr(int8, "run_int8", fake_run)
     report = benchmark.main(argv)
     assert "int8" in report and seen[0].weights == {int8.TV_SEGMENTER: weights}
-    assert (seen[0].calibration_images, seen[0].runs, seen[0].qat_steps) == (7, 3, 5)
+    assert (seen[0].calibration_images, seen[0].calibrator, seen[0].runs, seen[0].qat_steps) == (7, "entropy", 3, 5)
     assert "| model | float ms b1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--only", "int8", "--int8-weights", f"nonsense={weights}"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--only", "int8", "--calibrator", "kl"])

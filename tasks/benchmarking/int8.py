@@ -569,6 +569,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-images", type=int, default=CALIBRATION_IMAGES, help="int8: training images to calibrate on"
     )
+    parser.add_argument(
+        "--calibrator", choices=list(quantization.CALIBRATORS), default=Int8Options.calibrator,
+        help="int8: how activation ranges are calibrated (ONNX Runtime's calibrators)",
+    )  # fmt: skip
     parser.add_argument("--int8-out", type=Path, default=Int8Options.out, help="int8: folder of the ONNX files")
     parser.add_argument(
         "--qat-steps", type=int, default=0,

@@ -38,6 +38,7 @@ class Options:
     trained_detectors: bool = True  # models and int8: detectors with the ablation's trained weights
     int8_weights: dict[str, Path] = field(default_factory=dict)  # int8: model name -> trained weights
     calibration_images: int = 256  # int8: training images to calibrate on
+    calibrator: str = "minmax"  # int8: minmax, entropy or percentile (tasks.quantization.CALIBRATORS)
     int8_out: Path = ROOT / "runs" / "int8"
     qat_steps: int = 0  # int8: quantisation-aware fine-tuning steps of the trained models (0: none)
 
@@ -110,7 +111,8 @@ def run_suite(sections: Sequence[str], options: Options, log: Callable[[str], No
         weights = {**(_trained_detectors(options, log) or {}), **options.int8_weights}
         report["int8"] = run_int8(
             Int8Options(weights={name: Path(path) for name, path in weights.items()},
-                        calibration_images=options.calibration_images, out=options.int8_out,
+                        calibration_images=options.calibration_images, calibrator=options.calibrator,
+                        out=options.int8_out,
                         threads=options.threads, runs=options.runs, warmup=options.warmup,
                         qat_steps=options.qat_steps),
             log=log,
