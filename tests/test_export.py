@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -93,6 +94,17 @@ def test_exported_detector_matches_eager_with_dynamic_batch(tmp_path: Path) -> N
     boxes, scores, labels, batch_index = run(pixels(2, 3, 160, 160, seed=2).numpy())
     assert boxes.shape[1] == 4 and set(np.unique(batch_index)) <= {0, 1} and labels.min() >= 1
     assert (np.bincount(batch_index) <= 100).all()
+    # One NonMaxSuppression over scores laid out (image, class, anchor): each class of each image
+    # is suppressed on its own (heads/detection_postprocess.py), not the whole batch as one class.
+    graph_file = onnx.load(str(tmp_path / "det.onnx"))
+    (nms,) = [node for node in graph_file.graph.node if node.op_type == "NonMaxSuppression"]
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in nms.input[:2]]
+    graph_file.graph.output.extend(inputs)
+    onnx.save(graph_file, str(tmp_path / "nms_inputs.onnx"))
+    run_to_nms = deploy.load_runner(tmp_path / "nms_inputs.onnx", "onnx", threads=1)
+    nms_boxes, nms_scores = run_to_nms(pixels(2, 3, 160, 160).numpy())[4:]
+    num_anchors = model(pixels(1, 3, 160, 160))["anchors"].shape[0]
+    assert nms_boxes.shape == (2, num_anchors, 4) and nms_scores.shape == (2, 3, num_anchors)
 
 
 def test_exported_segmenter_accepts_other_sizes(tmp_path: Path) -> None:

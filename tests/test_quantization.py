@@ -339,10 +339,10 @@ def test_the_int8_detector_alone_in_onnxruntime_gives_the_evaluators_detections(
         arrays[f"sizes{index}"] = batch["image_sizes"].numpy()
     np.savez(tmp_path / "batches.npz", **arrays)
     annotations = synthetic_coco / "annotations" / "instances_val2017.json"
+    arguments = [str(files["int8"]), str(tmp_path / "batches.npz"), str(annotations)]
     run = subprocess.run(
-        [sys.executable, "-c", PLAIN_DETECTOR_SCRIPT, str(files["int8"]), str(tmp_path / "batches.npz"), str(annotations)],
-        capture_output=True, text=True, timeout=300, cwd="/",
-    )  # fmt: skip
+        [sys.executable, "-c", PLAIN_DETECTOR_SCRIPT, *arguments], capture_output=True, text=True, timeout=300, cwd="/"
+    )
     assert run.returncode == 0, run.stderr
     plain = json.loads(run.stdout)
 
@@ -352,7 +352,8 @@ def test_the_int8_detector_alone_in_onnxruntime_gives_the_evaluators_detections(
     assert len(evaluated) == len(plain) > 0
     for want, got in zip(ordered(evaluated), ordered(plain)):
         assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
-        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3) and got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3)
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
     # pycocotools on the plain detections scores what the evaluator reported.
     ground_truth = COCO(str(annotations))
     with contextlib.redirect_stdout(io.StringIO()):

@@ -41,7 +41,8 @@ Sections (the code is in tasks/benchmarking/):
           DeepLabv3 and torchvision's SSDLite and LR-ASPP from the synthetic configs: latency at batch
           1 and throughput at batch 8 (interleaved), size on disk, float/INT8 agreement, and AP / mIoU
           of both files for models with trained weights (the detectors of the models section,
-          and any given with --int8-weights; tasks/benchmarking/int8.py).
+          and any given with --int8-weights; tasks/benchmarking/int8.py); --calibrator picks
+          ONNX Runtime's calibrator, --qat-steps N also scores a quantisation-aware fine-tune.
 """
 
 from __future__ import annotations

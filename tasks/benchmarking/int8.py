@@ -55,8 +55,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
-from torchvision.ops import batched_nms
 
+from heads.detection_postprocess import nms_detections
 from tasks import deploy, quantization
 from tasks.benchmarking.training_speed import ROOT, SYNTHETIC_CONFIGS
 from tasks.networks import TorchvisionSSDLite
@@ -171,23 +171,11 @@ def torchvision_detections(
     )  # fmt: skip
     k = min(int(ssd.topk_candidates), num_anchors)
     top_scores, anchor_index = scores.topk(k, dim=2)  # [N, C-1, k]: a class's best anchors (its topk)
-    labels = torch.arange(1, num_classes, device=scores.device).view(1, -1, 1).expand_as(anchor_index).reshape(-1)
-    images = torch.arange(batch, device=scores.device).view(-1, 1, 1).expand_as(anchor_index).reshape(-1)
-    top_boxes = boxes.gather(1, anchor_index.reshape(batch, -1, 1).expand(-1, -1, 4)).reshape(-1, 4)
-    top_scores = top_scores.reshape(-1)
-    keep = torch.where(top_scores > ssd.score_thresh)[0]  # thresholded, then topk == topk, then thresholded
-    top_boxes, top_scores, labels, images = top_boxes[keep], top_scores[keep], labels[keep], images[keep]
-    kept = batched_nms(top_boxes, top_scores, images * num_classes + labels, ssd.nms_thresh)
-    top_boxes, top_scores, labels, images = top_boxes[kept], top_scores[kept], labels[kept], images[kept]
-    # batched_nms returns descending scores; group by image keeping that order, at most N per image
-    # (as heads.detection_postprocess.batched_detections).
-    position = torch.arange(images.shape[0], device=scores.device)
-    order = (images * images.shape[0] + position).argsort()
-    top_boxes, top_scores, labels, images = top_boxes[order], top_scores[order], labels[order], images[order]
-    per_image = (images.unsqueeze(1) == torch.arange(batch, device=scores.device).unsqueeze(0)).sum(0)
-    rank = position - (per_image.cumsum(0) - per_image)[images]
-    within = torch.where(rank < ssd.detections_per_img)[0]
-    return top_boxes[within], top_scores[within], labels[within], images[within]
+    candidates = torch.zeros_like(scores).scatter(2, anchor_index, top_scores)  # thresholded by the NMS
+    return nms_detections(
+        boxes, candidates, score_threshold=ssd.score_thresh, nms_threshold=ssd.nms_thresh,
+        detections_per_image=ssd.detections_per_img,
+    )  # fmt: skip
 
 
 class _SSDLayers(nn.Module):
