@@ -10,8 +10,8 @@ The candidates reach NMS as a score tensor ``[N, C, A]`` (image, class, anchor) 
 outside them (:func:`nms_detections`), ONNX's own ``NonMaxSuppression`` layout: in an ONNX file the
 suppression is that one operator, which compares a box only with the kept boxes of its image and
 class. (torchvision's ``batched_nms`` exports as one class over every image and class at once, by
-offsetting the boxes: each box is then compared with every box kept so far in the batch, 20 ms of
-ONNX Runtime's 87 for our INT8 SSDLite at batch 8.) In PyTorch the same candidates go through
+offsetting the boxes: each box is then compared with every box kept so far in the batch, 22 ms of
+ONNX Runtime's 88 for our INT8 SSDLite at batch 8.) In PyTorch the same candidates go through
 ``batched_nms`` with one group per (image, class).
 """
 
